@@ -1,0 +1,1 @@
+"""Integrations of Parrot with LLM application frameworks."""

@@ -1,0 +1,1 @@
+"""Parrot service: HTTP API, engines and kernels."""

@@ -1,0 +1,112 @@
+"""The one async interface every engine backend implements.
+
+A request carries token ids and sampling parameters; ``generate`` streams
+incremental outputs until one of them says ``finished``. Backends: ``builtin``
+(embedded torch runner), later ``sglang`` and ``openai``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class EngineError(Exception):
+    """An engine failed to serve a request."""
+
+
+class InvalidRequestError(ValueError):
+    """A request an engine cannot serve as asked (too long, bad parameter); maps to HTTP 400."""
+
+
+class SamplingParams(BaseModel):
+    """How to pick tokens. ``temperature == 0`` (or ``top_k == 1``) is greedy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(128, ge=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1, description="-1 or 0 keeps every token")
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class GenerateOutput:
+    """One incremental update of a request: tokens and text produced since the last one."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+    num_output_tokens: int
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    error: str | None = None  # set when the engine failed this request
+
+
+@dataclass
+class Load:
+    num_running: int
+    num_waiting: int
+    kv_tokens_used: int
+    kv_tokens_total: int
+    cached_tokens: int  # tokens held by the prefix cache
+
+
+class Engine(abc.ABC):
+    """An LLM engine the service can send requests to."""
+
+    model_name: str
+    max_context_len: int
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...
+
+    @abc.abstractmethod
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Stream outputs of ``request``; raises ``InvalidRequestError`` before any output."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends with ``finish_reason == "abort"``."""
+
+    @abc.abstractmethod
+    def load(self) -> Load: ...
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abc.abstractmethod
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...

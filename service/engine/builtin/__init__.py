@@ -1,0 +1,1 @@
+"""The builtin engine: an embedded torch runner for llama-family models."""

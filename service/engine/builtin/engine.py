@@ -1,0 +1,351 @@
+"""The builtin engine: an embedded continuous-batching runner behind the async Engine API.
+
+The model runs in its own thread, so the service's event loop never blocks on it.
+The loop and the thread talk through a command queue (add, abort) one way and
+``call_soon_threadsafe`` into each request's asyncio queue the other way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from parrot.service.engine.base import (
+    Engine,
+    GenerateOutput,
+    GenerateRequest,
+    InvalidRequestError,
+    Load,
+)
+from parrot.service.engine.builtin import loader
+from parrot.service.engine.builtin.model import ForwardBatch, LlamaRunner
+from parrot.service.engine.builtin.radix_cache import RadixCache
+from parrot.service.engine.builtin.request import IncrementalDetokenizer, Request
+from parrot.service.engine.builtin.sampler import make_generator, sample
+from parrot.service.engine.builtin.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from parrot.service.engine.builtin.slots import SlotAllocator
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BuiltinEngineConfig:
+    model: str | None = None  # None: the default model; else a HF folder or a .gguf file
+    device: str = "auto"  # "auto" picks cuda when present
+    dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
+    kv_cache_gib: float = 2.0  # memory for the KV pool
+    max_running: int = 64
+    max_step_tokens: int = 512
+    max_context_len: int | None = None  # default: the model's own limit
+
+
+def _tune_cpu_allocator() -> None:
+    # glibc serves big buffers with fresh mmaps, so every step's 10-30 MB KV gathers
+    # would page-fault anew; keeping them in the heap makes the gathers ~3x faster.
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD, the maximum glibc accepts
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+class BuiltinEngine(Engine):
+    def __init__(self, config: BuiltinEngineConfig | None = None, *, hf_model=None, tokenizer=None,
+                 model_name: str | None = None) -> None:
+        """Load the model. ``hf_model``/``tokenizer`` may be given directly (tests do)."""
+        self.config = config = config or BuiltinEngineConfig()
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            _tune_cpu_allocator()
+        if hf_model is None:
+            name, path = loader.resolve_model(config.model)
+            dtype = self._pick_dtype(config.dtype)
+            hf_model = loader.load_hf_model(path, dtype)
+            tokenizer = loader.load_tokenizer(path)
+            model_name = model_name or name
+        if tokenizer is None:
+            raise ValueError("a tokenizer is needed with hf_model")
+        self.model_name = model_name or Path(str(hf_model.config.name_or_path)).name or "model"
+        self.tokenizer = tokenizer
+        hf_config = hf_model.config
+        kv_bytes = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * (
+            getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        ) * hf_model.dtype.itemsize
+        num_slots = max(int(config.kv_cache_gib * 2**30 // kv_bytes), 256)
+        self.runner = LlamaRunner(hf_model, num_slots, self.device)
+        del hf_model
+        limit = hf_config.max_position_embeddings
+        window = getattr(hf_config, "sliding_window", None)
+        if window and getattr(hf_config, "use_sliding_window", True):
+            limit = min(limit, window)  # no sliding-window attention here: cap instead
+        self.max_context_len = min(config.max_context_len or limit, limit, num_slots)
+        self.eos_token_ids = self._eos_ids(hf_config, tokenizer)
+
+        self.allocator = SlotAllocator(num_slots)
+        self.cache = RadixCache(self.allocator.free)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_running, config.max_step_tokens), self.allocator, self.cache
+        )
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._requests: dict[str, Request] = {}
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    def _pick_dtype(self, name: str) -> torch.dtype:
+        if name == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+        return _DTYPES[name]
+
+    @staticmethod
+    def _eos_ids(hf_config, tokenizer) -> frozenset[int]:
+        ids = hf_config.eos_token_id
+        out = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        if tokenizer.eos_token_id is not None:
+            out.add(tokenizer.eos_token_id)
+        return frozenset(out)
+
+    # ---- Engine API (event-loop side) -------------------------------------------
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="parrot-builtin-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        if self._thread is not None:
+            self._commands.put(("stop", None))
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError(f"model {self.model_name!r} has no chat template")
+        out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def validate(self, request: GenerateRequest) -> None:
+        n = len(request.prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty")
+        if n + request.sampling.max_new_tokens > self.max_context_len:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) plus max_new_tokens ({request.sampling.max_new_tokens}) "
+                f"exceeds the context length of {self.max_context_len} tokens"
+            )
+        vocab = self.runner.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab})")
+        if request.request_id in self._streams:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running")
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        self.validate(request)
+        if self._thread is None:
+            await self.start()
+        stream: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+        self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.put(("add", request))
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:  # the consumer went away: free the request's KV now
+                self._commands.put(("abort", request.request_id))
+            self._streams.pop(request.request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def load(self) -> Load:
+        sched = self.scheduler
+        return Load(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            kv_tokens_used=self.allocator.num_slots - self.allocator.num_free,
+            kv_tokens_total=self.allocator.num_slots,
+            cached_tokens=self.cache.total_size,
+        )
+
+    # ---- runner thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            block = not self.scheduler.has_work
+            while True:
+                try:
+                    kind, arg = self._commands.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
+                if kind == "stop":
+                    return
+                if kind == "add":
+                    self._add(arg)
+                elif kind == "abort":
+                    self._abort(arg)
+            if self.scheduler.has_work:
+                try:
+                    self.step()
+                except Exception as exc:  # never leave callers hanging on a dead thread
+                    logger.exception("engine step failed")
+                    self._fail_all(f"engine error: {exc}")
+
+    def _add(self, request: GenerateRequest) -> None:
+        sp = request.sampling
+        req = Request(
+            request_id=request.request_id,
+            token_ids=list(request.prompt_token_ids),
+            num_prompt_tokens=len(request.prompt_token_ids),
+            sampling=sp,
+            generator=make_generator(sp, self.device),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, sp.stop),
+        )
+        self._requests[req.request_id] = req
+        self.scheduler.add(req)
+
+    def _abort(self, request_id: str) -> None:
+        req = self._requests.get(request_id)
+        if req is None or req.finished:
+            return
+        req.finish_reason = "abort"
+        self._finish(req)
+
+    def _finish(self, req: Request, new_ids: list[int] | None = None) -> None:
+        self.scheduler.finish(req)
+        self._requests.pop(req.request_id, None)
+        self._emit(req, new_ids or [])
+
+    def _fail_all(self, message: str) -> None:
+        for req in list(self._requests.values()):
+            req.finish_reason = "abort"
+            self.scheduler.finish(req)
+            self._emit(req, [], error=message)
+        self._requests.clear()
+
+    def _emit(self, req: Request, new_ids: list[int], error: str | None = None) -> None:
+        target = self._streams.get(req.request_id)
+        if target is None:
+            return
+        assert req.detokenizer is not None
+        out = GenerateOutput(
+            request_id=req.request_id,
+            token_ids=new_ids,
+            text=req.detokenizer.take(final=req.finished),
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            num_output_tokens=req.num_output_tokens,
+            finished=req.finished,
+            finish_reason=req.finish_reason,
+            error=error,
+        )
+        loop, stream = target
+        loop.call_soon_threadsafe(stream.put_nowait, out)
+
+    def step(self) -> None:
+        """Schedule, run the model once, sample, and deliver outputs."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return
+        forward, samplers = self._prepare(batch)
+        logits = self.runner.forward(forward)
+        self.scheduler.commit(batch)
+        self.num_steps += 1
+        if not samplers:
+            return
+        tokens = sample(logits, [r.sampling for r in samplers], [r.generator for r in samplers])
+        for req, token in zip(samplers, tokens, strict=True):
+            self._append_token(req, token)
+
+    def _append_token(self, req: Request, token: int) -> None:
+        sp = req.sampling
+        if sp.max_new_tokens == 0:  # prefill only: the prompt is now cached
+            req.finish_reason = "length"
+            self._finish(req)
+            return
+        req.token_ids.append(token)
+        assert req.detokenizer is not None
+        hit_stop = req.detokenizer.add(req.output_ids)
+        if hit_stop or token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos):
+            req.finish_reason = "stop"
+        elif req.num_output_tokens >= sp.max_new_tokens:
+            req.finish_reason = "length"
+        if req.finished:
+            self._finish(req, [token])
+        else:
+            self._emit(req, [token])
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[ForwardBatch, list[Request]]:
+        """Flatten a scheduled batch into the model's input tensors."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        out_slots: list[int] = []
+        samplers: list[Request] = []
+        logit_rows: list[int] = []
+        for req in batch.decodes:
+            pos = req.num_computed
+            input_ids.append(req.token_ids[pos])
+            positions.append(pos)
+            out_slots.append(req.slots[pos])
+        lengths = [r.num_computed + 1 for r in batch.decodes]
+        slot_table = mask = None
+        if batch.decodes:
+            width = max(lengths)
+            rows = [r.slots[:n] + [0] * (width - n) for r, n in zip(batch.decodes, lengths, strict=True)]
+            slot_table = torch.tensor(rows, dtype=torch.long, device=self.device)
+            if min(lengths) < width:
+                ar = torch.arange(width, device=self.device)
+                lens = torch.tensor(lengths, device=self.device)
+                mask = (ar[None, :] < lens[:, None])[:, None, None, :]
+            samplers.extend(batch.decodes)
+            logit_rows.extend(range(len(batch.decodes)))
+        prefills = []
+        for req, n in batch.prefills:
+            start = req.num_computed
+            row = len(input_ids)
+            input_ids.extend(req.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            out_slots.extend(req.slots[start:start + n])
+            key_slots = torch.tensor(req.slots[: start + n], dtype=torch.long, device=self.device)
+            prefills.append((row, n, key_slots))
+            if start + n == len(req.token_ids):
+                samplers.append(req)
+                logit_rows.append(row + n - 1)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        forward = ForwardBatch(
+            input_ids=as_tensor(input_ids),
+            positions=as_tensor(positions),
+            out_slots=as_tensor(out_slots),
+            num_decode=len(batch.decodes),
+            decode_slot_table=slot_table,
+            decode_key_mask=mask,
+            prefills=prefills,
+            logit_rows=as_tensor(logit_rows),
+        )
+        return forward, samplers
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"

@@ -1,0 +1,149 @@
+"""Forward pass of llama-family models (llama, mistral, qwen2, qwen3; GQA) over a paged KV pool.
+
+The weights come from a ``transformers`` model, re-laid out for batched serving:
+q/k/v and gate/up projections fused into one matrix each. The rotary embedding is
+the model's own module, so every RoPE variant ``transformers`` knows works as-is.
+A step runs the flattened new tokens of all scheduled requests at once: decode
+tokens (one per request) first, then prefill chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from parrot.service.kernels.attention import paged_decode_attention, prefill_attention
+
+
+@dataclass
+class ForwardBatch:
+    """Tensors for one step. Rows ``[0, num_decode)`` are decode tokens, the rest prefill chunks."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    out_slots: torch.Tensor  # [T] KV slots the new tokens are written to
+    num_decode: int
+    decode_slot_table: torch.Tensor | None  # [B, L]
+    decode_key_mask: torch.Tensor | None  # [B, 1, 1, L] or None when all rows are full
+    prefills: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (row, n, key slots)
+    logit_rows: torch.Tensor | None = None  # [R] rows to compute logits for
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as transformers' LlamaRMSNorm, so greedy outputs agree.
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaRunner:
+    def __init__(self, hf_model: PreTrainedModel, num_kv_slots: int, device: torch.device) -> None:
+        config = hf_model.config
+        self.config = config
+        self.device = device
+        self.dtype = hf_model.dtype
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.eps = config.rms_norm_eps
+        self.scale = self.head_dim**-0.5
+        self.vocab_size = config.vocab_size
+
+        inner = hf_model.model
+        self.embed = inner.embed_tokens.weight.detach().to(device)
+        self.final_norm = inner.norm.weight.detach().to(device)
+        self.lm_head = hf_model.lm_head.weight.detach().to(device)
+        self.rotary = inner.rotary_emb.to(device)
+        self.layers = [self._fuse(layer) for layer in inner.layers]
+
+        shape = (num_kv_slots, self.num_kv_heads, self.head_dim)
+        self.k_pool = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
+        self.v_pool = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k_pool[0].element_size()
+
+    def _fuse(self, layer) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        to = lambda t: None if t is None else t.detach().to(self.device)  # noqa: E731
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        return _Layer(
+            input_norm=to(layer.input_layernorm.weight),
+            qkv=to(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
+            qkv_bias=None if biases[0] is None else to(torch.cat(biases)),
+            q_norm=to(attn.q_norm.weight) if hasattr(attn, "q_norm") else None,
+            k_norm=to(attn.k_norm.weight) if hasattr(attn, "k_norm") else None,
+            o_proj=to(attn.o_proj.weight),
+            post_norm=to(layer.post_attention_layernorm.weight),
+            gate_up=to(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+            down=to(mlp.down_proj.weight),
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run one step; return float32 logits for ``batch.logit_rows``."""
+        num_tokens = batch.input_ids.shape[0]
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        x = F.embedding(batch.input_ids, self.embed)
+        cos, sin = self.rotary(x, batch.positions.unsqueeze(0))
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, D]
+        for i, layer in enumerate(self.layers):
+            residual = x
+            qkv = F.linear(_rms_norm(x, layer.input_norm, self.eps), layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
+            q, k, v = q.view(num_tokens, h, d), k.view(num_tokens, kv, d), v.view(num_tokens, kv, d)
+            if layer.q_norm is not None:
+                q = _rms_norm(q, layer.q_norm, self.eps)
+                k = _rms_norm(k, layer.k_norm, self.eps)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k_pool[i].index_copy_(0, batch.out_slots, k)
+            self.v_pool[i].index_copy_(0, batch.out_slots, v)
+            attn = self._attention(q, i, batch)
+            x = residual + F.linear(attn.reshape(num_tokens, h * d), layer.o_proj)
+            gate, up = F.linear(_rms_norm(x, layer.post_norm, self.eps), layer.gate_up).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        if batch.logit_rows is not None:
+            x = x.index_select(0, batch.logit_rows)
+        return F.linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head).float()
+
+    def _attention(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
+        k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]
+        parts = []
+        if batch.num_decode:
+            assert batch.decode_slot_table is not None
+            parts.append(
+                paged_decode_attention(
+                    q[: batch.num_decode], k_pool, v_pool,
+                    batch.decode_slot_table, batch.decode_key_mask, self.scale,
+                )
+            )
+        for row, n, key_slots in batch.prefills:
+            k = k_pool.index_select(0, key_slots)
+            v = v_pool.index_select(0, key_slots)
+            parts.append(prefill_attention(q[row:row + n], k, v, self.scale))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

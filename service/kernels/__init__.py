@@ -1,0 +1,1 @@
+"""Attention kernels: torch references (and Triton versions for GPU)."""
