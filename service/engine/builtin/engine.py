@@ -27,11 +27,12 @@ from parrot.service.engine.base import (
     Load,
 )
 from parrot.service.engine.builtin import loader
-from parrot.service.engine.builtin.model import ForwardBatch, LlamaRunner
+from parrot.service.engine.builtin.batch_builder import build_forward_batch
+from parrot.service.engine.builtin.model import LlamaRunner
 from parrot.service.engine.builtin.radix_cache import RadixCache
 from parrot.service.engine.builtin.request import IncrementalDetokenizer, Request
 from parrot.service.engine.builtin.sampler import make_generator, sample
-from parrot.service.engine.builtin.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from parrot.service.engine.builtin.scheduler import Scheduler, SchedulerConfig
 from parrot.service.engine.builtin.slots import SlotAllocator
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class BuiltinEngineConfig:
     max_running: int = 64
     max_step_tokens: int = 512
     max_context_len: int | None = None  # default: the model's own limit
+    # Decode requests sharing a cached prefix at least this long use two-phase
+    # attention (0 turns it off: every request reads its whole KV itself).
+    min_shared_prefix: int = 64
 
 
 def _tune_cpu_allocator() -> None:
@@ -270,7 +274,9 @@ class BuiltinEngine(Engine):
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return
-        forward, samplers = self._prepare(batch)
+        forward, samplers = build_forward_batch(
+            batch, self.device, self.runner.dtype, self.config.min_shared_prefix
+        )
         logits = self.runner.forward(forward)
         self.scheduler.commit(batch)
         self.num_steps += 1
@@ -297,55 +303,6 @@ class BuiltinEngine(Engine):
             self._finish(req, [token])
         else:
             self._emit(req, [token])
-
-    def _prepare(self, batch: ScheduledBatch) -> tuple[ForwardBatch, list[Request]]:
-        """Flatten a scheduled batch into the model's input tensors."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        out_slots: list[int] = []
-        samplers: list[Request] = []
-        logit_rows: list[int] = []
-        for req in batch.decodes:
-            pos = req.num_computed
-            input_ids.append(req.token_ids[pos])
-            positions.append(pos)
-            out_slots.append(req.slots[pos])
-        lengths = [r.num_computed + 1 for r in batch.decodes]
-        slot_table = mask = None
-        if batch.decodes:
-            width = max(lengths)
-            rows = [r.slots[:n] + [0] * (width - n) for r, n in zip(batch.decodes, lengths, strict=True)]
-            slot_table = torch.tensor(rows, dtype=torch.long, device=self.device)
-            if min(lengths) < width:
-                ar = torch.arange(width, device=self.device)
-                lens = torch.tensor(lengths, device=self.device)
-                mask = (ar[None, :] < lens[:, None])[:, None, None, :]
-            samplers.extend(batch.decodes)
-            logit_rows.extend(range(len(batch.decodes)))
-        prefills = []
-        for req, n in batch.prefills:
-            start = req.num_computed
-            row = len(input_ids)
-            input_ids.extend(req.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
-            out_slots.extend(req.slots[start:start + n])
-            key_slots = torch.tensor(req.slots[: start + n], dtype=torch.long, device=self.device)
-            prefills.append((row, n, key_slots))
-            if start + n == len(req.token_ids):
-                samplers.append(req)
-                logit_rows.append(row + n - 1)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        forward = ForwardBatch(
-            input_ids=as_tensor(input_ids),
-            positions=as_tensor(positions),
-            out_slots=as_tensor(out_slots),
-            num_decode=len(batch.decodes),
-            decode_slot_table=slot_table,
-            decode_key_mask=mask,
-            prefills=prefills,
-            logit_rows=as_tensor(logit_rows),
-        )
-        return forward, samplers
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"

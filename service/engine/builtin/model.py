@@ -15,19 +15,35 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from parrot.service.kernels.attention import paged_decode_attention, prefill_attention
+from parrot.service.kernels.attention import (
+    paged_decode_attention,
+    prefill_attention,
+    shared_prefix_decode_attention,
+)
+
+
+@dataclass
+class DecodeGroup:
+    """Consecutive decode rows attended together.
+
+    With ``prefix_slots`` the rows share those cached prefix slots and run two-phase
+    attention; ``slot_table`` then lists each row's keys after the prefix.
+    """
+
+    num_rows: int
+    slot_table: torch.Tensor  # [B, L]
+    mask: torch.Tensor | None  # [B, 1, 1, L] additive, None when no row is padded
+    prefix_slots: torch.Tensor | None = None  # [P]
 
 
 @dataclass
 class ForwardBatch:
-    """Tensors for one step. Rows ``[0, num_decode)`` are decode tokens, the rest prefill chunks."""
+    """Tensors for one step: decode tokens (by group) first, then prefill chunks."""
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     out_slots: torch.Tensor  # [T] KV slots the new tokens are written to
-    num_decode: int
-    decode_slot_table: torch.Tensor | None  # [B, L]
-    decode_key_mask: torch.Tensor | None  # [B, 1, 1, L] or None when all rows are full
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (row, n, key slots)
     logit_rows: torch.Tensor | None = None  # [R] rows to compute logits for
 
@@ -79,7 +95,7 @@ class LlamaRunner:
         self.rotary = inner.rotary_emb.to(device)
         self.layers = [self._fuse(layer) for layer in inner.layers]
 
-        shape = (num_kv_slots, self.num_kv_heads, self.head_dim)
+        shape = (self.num_kv_heads, num_kv_slots, self.head_dim)  # head-major, see kernels
         self.k_pool = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
         self.v_pool = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
 
@@ -121,8 +137,8 @@ class LlamaRunner:
                 k = _rms_norm(k, layer.k_norm, self.eps)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            self.k_pool[i].index_copy_(0, batch.out_slots, k)
-            self.v_pool[i].index_copy_(0, batch.out_slots, v)
+            self.k_pool[i].index_copy_(1, batch.out_slots, k.transpose(0, 1))
+            self.v_pool[i].index_copy_(1, batch.out_slots, v.transpose(0, 1))
             attn = self._attention(q, i, batch)
             x = residual + F.linear(attn.reshape(num_tokens, h * d), layer.o_proj)
             gate, up = F.linear(_rms_norm(x, layer.post_norm, self.eps), layer.gate_up).chunk(2, -1)
@@ -134,16 +150,19 @@ class LlamaRunner:
     def _attention(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
         k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]
         parts = []
-        if batch.num_decode:
-            assert batch.decode_slot_table is not None
-            parts.append(
-                paged_decode_attention(
-                    q[: batch.num_decode], k_pool, v_pool,
-                    batch.decode_slot_table, batch.decode_key_mask, self.scale,
-                )
-            )
+        row = 0
+        for group in batch.decode_groups:
+            rows = q[row:row + group.num_rows]
+            row += group.num_rows
+            if group.prefix_slots is None:
+                parts.append(paged_decode_attention(
+                    rows, k_pool, v_pool, group.slot_table, group.mask, self.scale))
+            else:
+                parts.append(shared_prefix_decode_attention(
+                    rows, k_pool, v_pool, group.prefix_slots, group.slot_table, group.mask,
+                    self.scale))
         for row, n, key_slots in batch.prefills:
-            k = k_pool.index_select(0, key_slots)
-            v = v_pool.index_select(0, key_slots)
+            k = k_pool.index_select(1, key_slots)
+            v = v_pool.index_select(1, key_slots)
             parts.append(prefill_attention(q[row:row + n], k, v, self.scale))
         return parts[0] if len(parts) == 1 else torch.cat(parts)

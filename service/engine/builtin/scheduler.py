@@ -46,6 +46,7 @@ class Scheduler:
         self.cache = cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0
 
     @property
     def has_work(self) -> bool:
@@ -119,6 +120,7 @@ class Scheduler:
         self.cache_computed(req)
         self._release(req)
         self.waiting.appendleft(req)
+        self.num_preemptions += 1
 
     def _release(self, req: Request) -> None:
         """Give back ``req``'s own slots and its cache lock; keep its tokens."""

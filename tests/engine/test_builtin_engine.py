@@ -1,0 +1,216 @@
+"""The builtin engine against transformers' own generate, on tiny random-weight models."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from parrot.service.engine.base import GenerateRequest, InvalidRequestError, SamplingParams
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog because",
+    "In a distant galaxy",
+    "def add(a, b):\n    return",
+    "Once upon a time there lived a king who had three daughters and a",
+]
+
+
+def greedy(n: int = 24, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, **kw)
+
+
+async def run(engine, ids, sampling, request_id=None):
+    """Collect a request's stream: (token ids, text, final output)."""
+    rid = request_id or engine.new_request_id()
+    tokens, text, last = [], "", None
+    async for out in engine.generate(GenerateRequest(rid, list(ids), sampling)):
+        tokens += out.token_ids
+        text += out.text
+        last = out
+    return tokens, text, last
+
+
+def hf_greedy(hf, ids, n):
+    """transformers' generate; stops at EOS like the engine does."""
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                      attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("num_kv_heads,arch", [(2, "llama"), (4, "llama"), (2, "qwen3")])
+async def test_greedy_matches_transformers_unbatched_and_batched(
+    tiny_engine_factory, tokenizer, num_kv_heads, arch
+):
+    engine, hf = tiny_engine_factory(num_kv_heads=num_kv_heads, arch=arch)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    expected = [hf_greedy(hf, ids, 24) for ids in prompts]
+    try:
+        for ids, exp in zip(prompts, expected, strict=True):  # one at a time, cache cold
+            engine.cache.reset()
+            assert (await run(engine, ids, greedy()))[0] == exp
+        # all at once (continuous batching), then again with every prompt cached (warm)
+        for _ in range(2):
+            results = await asyncio.gather(*(run(engine, ids, greedy()) for ids in prompts))
+            assert [r[0] for r in results] == expected
+        assert [r[2].num_cached_tokens for r in results] == [len(ids) - 1 for ids in prompts]
+        engine.cache.check_integrity()
+    finally:
+        await engine.shutdown()
+
+
+async def test_shared_prefix_batch_matches_transformers_with_and_without_two_phase(
+    tiny_engine_factory, tokenizer
+):
+    system = "You are a helpful assistant. Answer briefly and precisely. " * 12
+    prompts = [tokenizer.encode(system + f"Question {i}: what is {i} plus {i}?") for i in range(6)]
+    for min_shared_prefix in (0, 16):
+        engine, hf = tiny_engine_factory(min_shared_prefix=min_shared_prefix)
+        expected = [hf_greedy(hf, ids, 16) for ids in prompts]
+        try:
+            await run(engine, prompts[0], greedy(1))  # caches the shared system prompt
+            results = await asyncio.gather(*(run(engine, ids, greedy(16)) for ids in prompts))
+            assert [r[0] for r in results] == expected
+            assert all(r[2].num_cached_tokens >= len(tokenizer.encode(system)) - 1 for r in results[1:])
+        finally:
+            await engine.shutdown()
+
+
+async def test_child_prompt_extending_parent_output_hits_the_cache(tiny_engine_factory, tokenizer):
+    engine, hf = tiny_engine_factory()
+    try:
+        parent = tokenizer.encode("Write a poem about the sea:")
+        tokens, _, _ = await run(engine, parent, greedy(12, ignore_eos=True))
+        child = parent + tokens + tokenizer.encode(" Now summarize it.")
+        child_tokens, _, last = await run(engine, child, greedy(8))
+        # everything but the parent's last sampled token (never fed) came from the cache
+        assert last.num_cached_tokens == len(parent) + len(tokens) - 1
+        assert child_tokens == hf_greedy(hf, child, 8)
+    finally:
+        await engine.shutdown()
+
+
+async def test_chunked_prefill_and_preemption_keep_outputs_exact(tiny_engine_factory, tokenizer):
+    # A 16-token step budget splits every prompt into chunks; a pool of 256 slots
+    # (its minimum) cannot hold all requests at once, so some are preempted and resumed.
+    engine, hf = tiny_engine_factory(max_step_tokens=16, kv_cache_gib=200 * 512 / 2**30)
+    assert engine.allocator.num_slots == 256  # the floor: fewer than the ~275 tokens needed
+    prompts = [tokenizer.encode(p * 3) for p in PROMPTS]
+    expected = [hf_greedy(hf, ids, 40) for ids in prompts]
+    try:
+        results = await asyncio.gather(*(run(engine, ids, greedy(40)) for ids in prompts))
+        assert [r[0] for r in results] == expected
+        assert engine.scheduler.num_preemptions > 0
+        engine.cache.check_integrity()
+        assert engine.load().num_running == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_stop_strings_stop_token_ids_and_length(tiny_engine_factory, tokenizer):
+    engine, _ = tiny_engine_factory()
+    ids = tokenizer.encode(PROMPTS[0])
+    try:
+        tokens, text, last = await run(engine, ids, greedy(30, ignore_eos=True))
+        assert last.finish_reason == "length" and len(tokens) == 30
+        full = tokenizer.decode(tokens, skip_special_tokens=True)
+        assert text == full
+        stop = full[len(full) // 2:len(full) // 2 + 3]
+        head = full[: full.index(stop)]
+        _, stopped_text, last = await run(engine, ids, greedy(30, ignore_eos=True, stop=(stop,)))
+        assert last.finish_reason == "stop" and stopped_text == head
+        _, _, last = await run(engine, ids, greedy(30, ignore_eos=True, stop_token_ids=(tokens[4],)))
+        assert last.finish_reason == "stop" and last.num_output_tokens == tokens.index(tokens[4]) + 1
+    finally:
+        await engine.shutdown()
+
+
+async def test_eos_stops_generation_like_transformers(tiny_engine_factory, tokenizer):
+    engine, hf = tiny_engine_factory()
+    ids = tokenizer.encode(PROMPTS[0])
+    try:
+        free_run = hf_greedy(hf, ids, 20)
+        eos = free_run[6]  # a token greedy decoding reaches: make it the model's EOS
+        engine.eos_token_ids = frozenset({eos})
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=eos,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+        tokens, _, last = await run(engine, ids, greedy(20))
+        assert tokens == ref == free_run[: free_run.index(eos) + 1]
+        assert last.finish_reason == "stop"
+        tokens, _, last = await run(engine, ids, greedy(20, ignore_eos=True))
+        assert tokens == free_run and last.finish_reason == "length"
+    finally:
+        await engine.shutdown()
+
+
+async def test_seeded_sampling_is_reproducible_and_top_k_one_is_greedy(tiny_engine_factory, tokenizer):
+    engine, _ = tiny_engine_factory()
+    ids = tokenizer.encode(PROMPTS[1])
+    try:
+        seeded = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+        a = (await run(engine, ids, seeded))[0]
+        b = (await run(engine, ids, seeded))[0]
+        assert a == b
+        others = [(await run(engine, ids, seeded.model_copy(update={"seed": s})))[0] for s in range(4)]
+        assert any(o != a for o in others)
+        top1 = SamplingParams(max_new_tokens=16, temperature=0.8, top_k=1, ignore_eos=True)
+        assert (await run(engine, ids, top1))[0] == (await run(engine, ids, greedy(16, ignore_eos=True)))[0]
+    finally:
+        await engine.shutdown()
+
+
+async def test_abort_ends_the_stream_and_frees_the_request(tiny_engine_factory, tokenizer):
+    engine, _ = tiny_engine_factory()
+    ids = tokenizer.encode(PROMPTS[2])
+    try:
+        rid = "to-abort"
+        seen = []
+        async for out in engine.generate(GenerateRequest(rid, ids, greedy(1000, ignore_eos=True))):
+            seen.append(out)
+            if len(seen) == 3:
+                await engine.abort(rid)
+        assert seen[-1].finished and seen[-1].finish_reason == "abort"
+        assert seen[-1].num_output_tokens < 1000
+        assert engine.load().num_running == 0
+        # A consumer that walks away mid-stream aborts its request too.
+        stream = engine.generate(GenerateRequest("walk-away", ids, greedy(1000, ignore_eos=True)))
+        await stream.__anext__()
+        await stream.aclose()
+        for _ in range(100):
+            if engine.load().num_running == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.load().num_running == 0
+        # The engine still serves afterwards.
+        assert len((await run(engine, ids, greedy(4, ignore_eos=True)))[0]) == 4
+    finally:
+        await engine.shutdown()
+
+
+async def test_prefill_only_request_caches_the_prompt(tiny_engine_factory, tokenizer):
+    engine, _ = tiny_engine_factory()
+    ids = tokenizer.encode(PROMPTS[3])
+    try:
+        tokens, _, last = await run(engine, ids, greedy(0))
+        assert tokens == [] and last.finish_reason == "length"
+        _, _, last = await run(engine, ids + [42], greedy(2))
+        assert last.num_cached_tokens == len(ids)
+    finally:
+        await engine.shutdown()
+
+
+async def test_bad_requests_raise_clear_errors_and_engine_keeps_serving(tiny_engine_factory, tokenizer):
+    engine, _ = tiny_engine_factory(max_context_len=64)
+    try:
+        with pytest.raises(InvalidRequestError, match="context length"):
+            await run(engine, list(range(5, 60)), greedy(32))
+        with pytest.raises(InvalidRequestError, match="empty"):
+            await run(engine, [], greedy(4))
+        with pytest.raises(InvalidRequestError, match="token ids"):
+            await run(engine, [len(tokenizer) + 5], greedy(4))
+        with pytest.raises(ValueError):
+            SamplingParams(max_new_tokens=-1)
+        assert len((await run(engine, [5, 6, 7], greedy(3, ignore_eos=True)))[0]) == 3
+    finally:
+        await engine.shutdown()
