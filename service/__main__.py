@@ -1,0 +1,5 @@
+"""`python -m parrot.service ...` is the same as the `parrot` command."""
+
+from parrot.service.cli import app
+
+app()

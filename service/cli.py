@@ -1,0 +1,165 @@
+"""The ``parrot`` command: ``serve`` runs the HTTP service, ``generate`` runs one prompt."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import httpx
+import typer
+from rich.console import Console
+
+from parrot.service.engine.builtin.engine import BuiltinEngine, BuiltinEngineConfig
+from parrot.service.engine.builtin.loader import DEFAULT_MODEL
+
+app = typer.Typer(help="Parrot: serving LLM applications.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
+
+_DEFAULTS = BuiltinEngineConfig()
+ModelOption = Annotated[
+    str | None,
+    typer.Option(help=f"A Hugging Face model folder or a .gguf file [default: {DEFAULT_MODEL}]"),
+]
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto")]
+DtypeOption = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
+
+
+def load_engine(console: Console, model: str | None, device: str = "auto", dtype: str = "auto",
+                kv_cache_gib: float = _DEFAULTS.kv_cache_gib) -> BuiltinEngine:
+    """Build the builtin engine behind a spinner; a bad model or option exits with a message."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the spinner says it already
+    config = BuiltinEngineConfig(model=model, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+    with console.status(f"Loading {model or DEFAULT_MODEL} ..."):
+        try:
+            engine = BuiltinEngine(config)
+        except (OSError, ValueError) as exc:  # missing model (FileNotFoundError), bad dtype/arch
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+    console.print(
+        f"Loaded [bold]{engine.model_name}[/] on {engine.device} "
+        f"(context {engine.max_context_len} tokens)"
+    )
+    return engine
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    model: ModelOption = None,
+    device: DeviceOption = _DEFAULTS.device,
+    dtype: DtypeOption = _DEFAULTS.dtype,
+    kv_cache_gib: Annotated[float, typer.Option(help="Memory for the KV cache, in GiB")] = (
+        _DEFAULTS.kv_cache_gib
+    ),
+    demo: Annotated[bool, typer.Option(help="Once up, send one chat request to itself and "
+                                            "print it")] = False,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible API (and /healthz, /metrics, /v1/engines) over HTTP."""
+    import uvicorn
+
+    from parrot.service.app import create_app
+
+    console = Console(stderr=True)
+    engine = load_engine(console, model, device, dtype, kv_cache_gib)
+    config = uvicorn.Config(create_app(engine), host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(config)
+
+    async def run() -> None:
+        serving = asyncio.create_task(server.serve())
+        if demo:
+            base_url = f"http://{_connect_host(host)}:{port}"
+            if await _wait_until_up(base_url, serving):
+                await run_demo(base_url, Console())
+        await serving
+
+    asyncio.run(run())
+
+
+def _connect_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def _wait_until_up(base_url: str, serving: asyncio.Task, timeout_s: float = 60.0) -> bool:
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        for _ in range(int(timeout_s / 0.1)):
+            if serving.done():
+                return False
+            try:
+                if (await client.get(f"{base_url}/healthz")).status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    return False
+
+
+async def run_demo(base_url: str, console: Console, prompt: str = DEMO_PROMPT,
+                   max_tokens: int = 64) -> str:
+    """Send one chat completion to a running server and print the prompt and the answer."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=120.0) as client:
+        resp = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0,
+        })
+    if resp.status_code != 200:
+        console.print(f"[red]demo request failed ({resp.status_code}):[/] {resp.text}")
+        return ""
+    body = resp.json()
+    answer = body["choices"][0]["message"]["content"]
+    console.print(f"[bold]demo[/] POST {base_url}/v1/chat/completions")
+    console.print(f"[bold cyan]prompt:[/] {prompt}", markup=True, highlight=False)
+    console.print("[bold green]answer:[/] ", end="")
+    console.print(answer, markup=False, highlight=False)
+    console.print(f"[dim]{body['usage']['completion_tokens']} tokens; the server keeps running "
+                  f"(Ctrl-C to stop)[/]")
+    return answer
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt (a user message with --chat)")],
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed")] = None,
+    model: ModelOption = None,
+    device: DeviceOption = _DEFAULTS.device,
+    dtype: DtypeOption = _DEFAULTS.dtype,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template")] = True,
+) -> None:
+    """Generate one completion in-process (no server) and print it as it streams."""
+    from parrot.service.engine.base import GenerateRequest, InvalidRequestError, SamplingParams
+
+    console = Console(stderr=True)
+    engine = load_engine(console, model, device, dtype)
+
+    async def run() -> None:
+        ids = (engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat
+               else engine.encode(prompt))
+        sampling = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+        await engine.start()
+        try:
+            request = GenerateRequest(engine.new_request_id(), ids, sampling)
+            async for out in engine.generate(request):
+                if out.error:
+                    raise typer.Exit(_fail(console, out.error))
+                typer.echo(out.text, nl=out.finished)
+        finally:
+            await engine.shutdown()
+
+    try:
+        asyncio.run(run())
+    except InvalidRequestError as exc:
+        raise typer.Exit(_fail(console, str(exc))) from None
+
+
+def _fail(console: Console, message: str) -> int:
+    console.print(f"[red]error:[/] {message}")
+    return 1

@@ -1,0 +1,68 @@
+"""The ``parrot`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from parrot.service import cli
+from parrot.service.cli import app, run_demo
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands_and_options():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "serve" in result.stdout and "generate" in result.stdout
+    serve_help = runner.invoke(app, ["serve", "--help"]).stdout
+    options = ("--host", "--port", "--model", "--device", "--dtype", "--kv-cache-gib", "--demo")
+    for option in options:
+        assert option in serve_help
+
+
+def test_generate_with_a_missing_model_fails_cleanly(tmp_path):
+    result = runner.invoke(app, ["generate", "hi", "--model", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert "error:" in result.stderr and "Traceback" not in result.output
+
+
+def test_demo_prints_prompt_and_answer(live_server):
+    console = Console(record=True, width=200)
+    answer = asyncio.run(run_demo(live_server.base_url, console, prompt="Say hi", max_tokens=5))
+    expected = live_server.client().chat.completions.create(
+        model=live_server.model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=5,
+        temperature=0).choices[0].message.content
+    assert answer == expected
+    printed = console.export_text()
+    assert "prompt: Say hi" in printed and f"answer: {answer}" in printed
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_generate_prints_the_greedy_completion(tiny_engine_factory, tokenizer, monkeypatch, chat):
+    engine, hf = tiny_engine_factory()
+    monkeypatch.setattr(cli, "BuiltinEngine", lambda config: engine)  # the CLI's own loading path
+    prompt = "Tell me a joke"
+    ids = (engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat
+           else engine.encode(prompt))
+    with torch.no_grad():
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        out = hf.generate(torch.tensor([ids]), attention_mask=mask, max_new_tokens=6,
+                          do_sample=False)
+    expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    args = ["generate", prompt, "--max-tokens", "6", "--chat" if chat else "--no-chat"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected + "\n"
+
+
+@pytest.mark.e2e
+def test_generate_on_the_default_model():
+    result = runner.invoke(app, ["generate", "What is the capital of France?",
+                                 "--max-tokens", "16"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout
