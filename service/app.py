@@ -16,6 +16,9 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from parrot.service.engine.base import Engine
 from parrot.service.errors import install_exception_handlers
 from parrot.service.metrics import HTTPMetricsMiddleware, ServiceMetrics
+from parrot.service.native.api_router import router as native_router
+from parrot.service.native.executor import Executor
+from parrot.service.native.sessions import DEFAULT_IDLE_TIMEOUT_S, SessionManager
 from parrot.service.openai.api_router import router as openai_router
 from parrot.service.openai.serving import DEFAULT_MAX_TOKENS, OpenAIServing
 
@@ -53,19 +56,25 @@ def engine_name(engine: Engine) -> str:
     return name.removesuffix("Engine").lower() or name
 
 
-def create_app(engine: Engine, *, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+def create_app(engine: Engine, *, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               session_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> FastAPI:
+    sessions = SessionManager(Executor(engine), session_idle_timeout_s)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        await sessions.start()
         try:
             yield
         finally:
+            await sessions.stop()
             await engine.shutdown()
 
     app = FastAPI(title="Parrot", summary="Serving LLM applications", lifespan=lifespan)
     service_metrics = ServiceMetrics(engine)
     app.state.engine = engine
     app.state.metrics = service_metrics
+    app.state.sessions = sessions
     app.state.openai_serving = OpenAIServing(
         engine, metrics=service_metrics, default_max_tokens=default_max_tokens
     )
@@ -73,4 +82,5 @@ def create_app(engine: Engine, *, default_max_tokens: int = DEFAULT_MAX_TOKENS) 
     app.add_middleware(HTTPMetricsMiddleware, metrics=service_metrics)
     app.include_router(ops_router)
     app.include_router(openai_router)
+    app.include_router(native_router)
     return app

@@ -63,6 +63,27 @@ class ModelNotFoundError(ParrotAPIError):
     code = "model_not_found"
 
 
+class NotFoundError(ParrotAPIError):
+    """A session, variable or call that does not exist (or belongs to another session)."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class ConflictError(ParrotAPIError):
+    """A request that contradicts the session's graph (a second producer, a produced value)."""
+
+    status_code = 409
+    code = "conflict"
+
+
+class FailedDependencyError(ParrotAPIError):
+    """A variable whose producing call (or one of its ancestors) failed."""
+
+    status_code = 424
+    code = "failed_dependency"
+
+
 class EngineFailedError(ParrotAPIError):
     """The engine failed while serving a valid request."""
 

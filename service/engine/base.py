@@ -51,11 +51,20 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0 or self.top_k == 1
 
 
+Objective = Literal["latency", "throughput"]
+
+
 @dataclass
 class GenerateRequest:
+    """One generation. ``objective``/``priority``/``group_id`` come from the app's graph:
+    higher priority is served first; requests of one group feed the same consumer."""
+
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    objective: Objective = "latency"
+    priority: int = 0
+    group_id: str | None = None
 
 
 @dataclass
@@ -103,10 +112,24 @@ class Engine(abc.ABC):
         """Stop a request; its stream ends with ``finish_reason == "abort"``."""
 
     @abc.abstractmethod
+    async def set_priority(self, request_id: str, priority: int, objective: Objective) -> None:
+        """Re-rank a request that is queued or running (a new fetch raised its importance)."""
+
+    @abc.abstractmethod
     def load(self) -> Load: ...
 
     @abc.abstractmethod
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+
+    @abc.abstractmethod
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of ``token_ids``, special tokens left out (as outputs are reported)."""
+
+    @property
+    def prompt_prefix_ids(self) -> list[int]:
+        """Special tokens a prompt starts with (e.g. BOS), if the model wants any."""
+        return []
 
     @abc.abstractmethod
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...

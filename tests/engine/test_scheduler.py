@@ -80,3 +80,26 @@ def test_pool_exhaustion_preempts_the_newest_request_and_it_resumes():
     cache.check_integrity()
     assert alloc.num_free + cache.total_size + sum(
         len(r.slots) - r.num_in_tree for r in sched.running) == 12
+
+
+def test_waiting_queue_orders_by_priority_objective_group_then_arrival():
+    sched, _, _ = make(max_running=1)
+    reqs = {}
+    for rid, prio, objective, group_seq, seq in [
+        ("late-low", 0, "latency", 0, 0),
+        ("throughput", 5, "throughput", 1, 1),
+        ("group-b", 5, "latency", 2, 2),
+        ("group-a-2", 5, "latency", 3, 4),
+        ("high", 9, "latency", 5, 5),
+        ("group-b-2", 5, "latency", 2, 6),
+    ]:
+        req = request(rid, [seq + 1, 2, 3])
+        req.priority, req.objective, req.group_seq, req.seq = prio, objective, group_seq, seq
+        reqs[rid] = req
+        sched.add(req)
+    assert [r.request_id for r in sched.waiting] == [
+        "high", "group-b", "group-b-2", "group-a-2", "throughput", "late-low"]
+    reqs["late-low"].priority = 10
+    sched.reprioritize(reqs["late-low"])
+    run_step(sched)
+    assert sched.running == [reqs["late-low"]]

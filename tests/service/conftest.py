@@ -98,3 +98,9 @@ def read_metric(text: str, name: str, **labels: str) -> float:
 def metric():
     """``metric(text, name, **labels)``: read one sample from a /metrics page."""
     return read_metric
+
+
+@pytest.fixture
+def serve_app():
+    """``serve_app(app)``: a context manager serving any app on a free loopback port."""
+    return serve_in_thread

@@ -25,6 +25,7 @@ from parrot.service.engine.base import (
     GenerateRequest,
     InvalidRequestError,
     Load,
+    Objective,
 )
 from parrot.service.engine.builtin import loader
 from parrot.service.engine.builtin.batch_builder import build_forward_batch
@@ -108,8 +109,10 @@ class BuiltinEngine(Engine):
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._requests: dict[str, Request] = {}
+        self._group_seqs: dict[str, int] = {}  # group id -> arrival of its first request
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
+        self._arrivals = itertools.count()
         self.num_steps = 0
 
     def _pick_dtype(self, name: str) -> torch.dtype:
@@ -141,6 +144,9 @@ class BuiltinEngine(Engine):
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -184,6 +190,13 @@ class BuiltinEngine(Engine):
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    async def set_priority(self, request_id: str, priority: int, objective: Objective) -> None:
+        self._commands.put(("priority", (request_id, priority, objective)))
+
+    @property
+    def prompt_prefix_ids(self) -> list[int]:
+        return list(self.tokenizer.encode("", add_special_tokens=True))
+
     def load(self) -> Load:
         sched = self.scheduler
         return Load(
@@ -211,6 +224,8 @@ class BuiltinEngine(Engine):
                     self._add(arg)
                 elif kind == "abort":
                     self._abort(arg)
+                elif kind == "priority":
+                    self._set_priority(*arg)
             if self.scheduler.has_work:
                 try:
                     self.step()
@@ -220,16 +235,31 @@ class BuiltinEngine(Engine):
 
     def _add(self, request: GenerateRequest) -> None:
         sp = request.sampling
+        seq = next(self._arrivals)
+        group_seq = seq
+        if request.group_id is not None:
+            group_seq = self._group_seqs.setdefault(request.group_id, seq)
         req = Request(
             request_id=request.request_id,
             token_ids=list(request.prompt_token_ids),
             num_prompt_tokens=len(request.prompt_token_ids),
             sampling=sp,
             generator=make_generator(sp, self.device),
+            objective=request.objective,
+            priority=request.priority,
+            group_id=request.group_id,
+            seq=seq,
+            group_seq=group_seq,
             detokenizer=IncrementalDetokenizer(self.tokenizer, sp.stop),
         )
         self._requests[req.request_id] = req
         self.scheduler.add(req)
+
+    def _set_priority(self, request_id: str, priority: int, objective: Objective) -> None:
+        req = self._requests.get(request_id)
+        if req is not None:
+            req.priority, req.objective = priority, objective
+            self.scheduler.reprioritize(req)
 
     def _abort(self, request_id: str) -> None:
         req = self._requests.get(request_id)
@@ -241,6 +271,10 @@ class BuiltinEngine(Engine):
     def _finish(self, req: Request, new_ids: list[int] | None = None) -> None:
         self.scheduler.finish(req)
         self._requests.pop(req.request_id, None)
+        if req.group_id is not None and not any(
+            r.group_id == req.group_id for r in self._requests.values()
+        ):
+            self._group_seqs.pop(req.group_id, None)
         self._emit(req, new_ids or [])
 
     def _fail_all(self, message: str) -> None:
@@ -249,6 +283,7 @@ class BuiltinEngine(Engine):
             self.scheduler.finish(req)
             self._emit(req, [], error=message)
         self._requests.clear()
+        self._group_seqs.clear()
 
     def _emit(self, req: Request, new_ids: list[int], error: str | None = None) -> None:
         target = self._streams.get(req.request_id)

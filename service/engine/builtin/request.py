@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parrot.service.engine.base import FinishReason, SamplingParams
+from parrot.service.engine.base import FinishReason, Objective, SamplingParams
 from parrot.service.engine.builtin.radix_cache import RadixNode
 
 
@@ -17,6 +17,11 @@ class Request:
     num_prompt_tokens: int
     sampling: SamplingParams
     generator: torch.Generator | None
+    objective: Objective = "latency"
+    priority: int = 0
+    group_id: str | None = None
+    seq: int = 0  # arrival order
+    group_seq: int = 0  # arrival order of the group's first request: keeps a group together
     # KV state: slots[i] holds token_ids[i]'s K/V for i < num_computed.
     slots: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -26,6 +31,11 @@ class Request:
     num_cached_tokens: int = -1  # prompt tokens reused from the cache, set at first admission
     finish_reason: FinishReason | None = None
     detokenizer: IncrementalDetokenizer | None = None
+
+    @property
+    def queue_key(self) -> tuple[int, int, int, int]:
+        """Waiting-queue order: priority, then latency before throughput, then group, then arrival."""
+        return (-self.priority, self.objective != "latency", self.group_seq, self.seq)
 
     @property
     def num_output_tokens(self) -> int:

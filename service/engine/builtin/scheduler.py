@@ -6,7 +6,8 @@ decoding, up to the remaining token budget for one still prefilling its prompt
 requests join when budget and KV slots allow; each first reuses the longest
 cached prefix of its tokens. When the pool runs out, unlocked cache entries are
 evicted (LRU), then the newest running request is preempted: its KV goes into
-the cache and it re-queues at the front, resuming from what stayed cached.
+the cache and it re-queues, resuming from what stayed cached. The waiting queue is
+ordered by priority, then objective (latency first), then task group, then arrival.
 
 Request lifecycle:  waiting ──admit──► running ──finish/abort──► (KV into the cache)
                         ▲                 │
@@ -15,7 +16,7 @@ Request lifecycle:  waiting ──admit──► running ──finish/abort─�
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass
 
 from parrot.service.engine.builtin.radix_cache import RadixCache
@@ -44,7 +45,7 @@ class Scheduler:
         self.config = config
         self.allocator = allocator
         self.cache = cache
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[Request] = []  # ordered by Request.queue_key
         self.running: list[Request] = []
         self.num_preemptions = 0
 
@@ -53,7 +54,13 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
+        bisect.insort(self.waiting, req, key=lambda r: r.queue_key)
+
+    def reprioritize(self, req: Request) -> None:
+        """Re-sort after ``req``'s priority changed (a running request keeps running)."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+            self.add(req)
 
     # ---- one step -------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -78,7 +85,7 @@ class Scheduler:
             if not self._reserve(req, n, preempt=False):
                 self._release(req)  # not admitted: drop the lock, keep it waiting
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             self.running.append(req)
             budget -= n
             if n == 1 and len(req.token_ids) - req.num_computed == 1:
@@ -119,7 +126,7 @@ class Scheduler:
         self.running.remove(req)
         self.cache_computed(req)
         self._release(req)
-        self.waiting.appendleft(req)
+        self.add(req)
         self.num_preemptions += 1
 
     def _release(self, req: Request) -> None:

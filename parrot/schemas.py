@@ -1,0 +1,170 @@
+"""Wire schemas of the native API, shared by the SDK and the service (pydantic v2).
+
+HTTP routes (JSON; errors are ``{"error": {"message", "type", "param", "code"}}`` with a 4xx):
+
+    POST   /v1/sessions                                   -> SessionInfo
+    DELETE /v1/sessions/{sid}                             cancels pending calls, frees their KV
+    POST   /v1/graphs                  GraphSubmit        -> GraphAccepted
+    POST   /v1/sessions/{sid}/variables  VariableCreate   -> VariableInfo
+    POST   /v1/sessions/{sid}/variables/{vid}  VariableSet -> VariableInfo   (client-set values)
+    GET    /v1/sessions/{sid}/variables/{vid}?criterion=latency&timeout=30 -> VariableInfo
+           long-poll: answers when the value is ready (or at the timeout with ready=false);
+           424 when the producer failed; the criterion flows back to every ancestor call
+    GET    /v1/sessions/{sid}/variables/{vid}/stream      SSE: {"delta": str} ..., then
+           {"done": true, "value": str} or {"error": str}
+    GET    /v1/sessions/{sid}/graph                       -> GraphInfo
+
+Variable ids are chosen by the client (so calls can be issued without a round trip)
+and are scoped to one session: another session's id is simply not found.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+VarId = Annotated[str, Field(pattern=ID_PATTERN)]
+
+
+class Criterion(StrEnum):
+    """What the user waits for when fetching a variable."""
+
+    LATENCY = "latency"  # this one answer, as soon as possible
+    THROUGHPUT = "throughput"  # the whole batch; individual answers may wait
+    TTFT = "ttft"  # the first token of a streamed answer
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingConfig(_Strict):
+    """How an output is generated. Greedy by default, so programs are reproducible."""
+
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+
+class TextSegment(_Strict):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class InputSegment(_Strict):
+    type: Literal["input"] = "input"
+    var: VarId
+
+
+class OutputSegment(_Strict):
+    type: Literal["output"] = "output"
+    var: VarId
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+Segment = Annotated[TextSegment | InputSegment | OutputSegment, Field(discriminator="type")]
+
+
+class VariableDecl(_Strict):
+    """A variable introduced by a graph: a constant (with ``value``) or a future."""
+
+    id: VarId
+    name: str | None = None
+    value: str | None = None
+
+
+class CallDecl(_Strict):
+    """One call. ``llm`` calls run in the service from their template segments;
+    ``native`` calls run in the client, which sets their outputs when done."""
+
+    id: VarId
+    name: str | None = None
+    kind: Literal["llm", "native"] = "llm"
+    segments: list[Segment] = Field(default_factory=list)  # llm calls
+    inputs: list[VarId] = Field(default_factory=list)  # native calls
+    outputs: list[VarId] = Field(default_factory=list)  # native calls
+
+
+class GraphSubmit(_Strict):
+    session_id: VarId
+    variables: list[VariableDecl] = Field(default_factory=list)
+    calls: list[CallDecl] = Field(default_factory=list)
+
+
+class GraphAccepted(BaseModel):
+    session_id: str
+    variables: list[str]
+    calls: list[str]
+
+
+class SessionCreate(_Strict):
+    idle_timeout_s: float | None = Field(None, gt=0)
+
+
+class SessionInfo(BaseModel):
+    id: str
+    idle_timeout_s: float
+
+
+class VariableCreate(_Strict):
+    id: VarId
+    name: str | None = None
+    value: str | None = None
+
+
+class VariableSet(_Strict):
+    """Set a client-owned variable: a value, or an error that fails its consumers."""
+
+    value: str | None = None
+    error: str | None = None
+
+
+class VariableInfo(BaseModel):
+    id: str
+    name: str | None
+    ready: bool
+    value: str | None = None
+    error: str | None = None
+    producer: str | None = None
+
+
+class CallTimings(BaseModel):
+    created: float
+    started: float | None = None
+    finished: float | None = None
+
+
+class CallInfo(BaseModel):
+    id: str
+    name: str | None
+    kind: str
+    state: Literal["pending", "running", "done", "failed", "cancelled"]
+    inputs: list[str]
+    outputs: list[str]
+    criterion: Criterion | None
+    priority: int
+    group: str | None
+    error: str | None
+    timings: CallTimings
+    cached_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+class EdgeInfo(BaseModel):
+    source: str  # producing call
+    target: str  # consuming call
+    var: str
+
+
+class GraphInfo(BaseModel):
+    session_id: str
+    calls: list[CallInfo]
+    variables: list[VariableInfo]
+    edges: list[EdgeInfo]

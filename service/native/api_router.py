@@ -1,0 +1,118 @@
+"""HTTP routes of the native API (semantic variables); see parrot.schemas for the contract."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from parrot.schemas import (
+    Criterion,
+    GraphAccepted,
+    GraphInfo,
+    GraphSubmit,
+    SessionCreate,
+    SessionInfo,
+    VariableCreate,
+    VariableInfo,
+    VariableSet,
+)
+from parrot.service.errors import FailedDependencyError
+from parrot.service.http_utils import sse_event
+from parrot.service.native.sessions import SessionManager, variable_info
+
+router = APIRouter(prefix="/v1", tags=["native"])
+
+MAX_POLL_S = 300.0
+
+
+def _sessions(request: Request) -> SessionManager:
+    return request.app.state.sessions
+
+
+@router.post("/sessions")
+async def create_session(request: Request, body: SessionCreate | None = None) -> SessionInfo:
+    session = _sessions(request).create(body.idle_timeout_s if body else None)
+    return SessionInfo(id=session.id, idle_timeout_s=session.idle_timeout_s)
+
+
+@router.delete("/sessions/{session_id}")
+async def delete_session(request: Request, session_id: str) -> dict:
+    _sessions(request).delete(session_id)
+    return {"id": session_id, "deleted": True}
+
+
+@router.post("/graphs")
+async def submit_graph(request: Request, body: GraphSubmit) -> GraphAccepted:
+    calls = _sessions(request).submit(body)
+    return GraphAccepted(session_id=body.session_id, variables=[v.id for v in body.variables], calls=calls)
+
+
+@router.post("/sessions/{session_id}/variables")
+async def create_variable(request: Request, session_id: str, body: VariableCreate) -> VariableInfo:
+    sessions = _sessions(request)
+    var = sessions.get(session_id).graph.add_variable(body.id, body.name, body.value)
+    return variable_info(var)
+
+
+@router.post("/sessions/{session_id}/variables/{var_id}")
+async def set_variable(request: Request, session_id: str, var_id: str, body: VariableSet) -> VariableInfo:
+    sessions = _sessions(request)
+    var = sessions.set_variable(sessions.get(session_id), var_id, body.value, body.error)
+    return variable_info(var)
+
+
+@router.get("/sessions/{session_id}/variables/{var_id}")
+async def get_variable(
+    request: Request, session_id: str, var_id: str,
+    criterion: Criterion | None = None,
+    timeout: float = Query(30.0, ge=0.0, le=MAX_POLL_S),
+) -> VariableInfo:
+    sessions = _sessions(request)
+    var = await sessions.fetch(sessions.get(session_id), var_id, criterion, timeout)
+    if var.error is not None:
+        raise FailedDependencyError(var.error, param="var")
+    return variable_info(var)
+
+
+@router.get("/sessions/{session_id}/variables/{var_id}/stream")
+async def stream_variable(
+    request: Request, session_id: str, var_id: str, criterion: Criterion = Criterion.TTFT,
+) -> StreamingResponse:
+    sessions = _sessions(request)
+    session = sessions.get(session_id)
+    var = session.graph.variable(var_id)
+    queue: asyncio.Queue = asyncio.Queue()
+    var.subscribers.append(queue)
+    # Text generated before this subscriber arrived goes first, then live deltas.
+    backlog = var.value if var.ready else var.partial
+    if var.settled.is_set():
+        queue.put_nowait(("error", var.error) if var.error is not None else ("done", var.value))
+    await sessions.fetch(session, var_id, criterion, timeout_s=0)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if backlog:
+                yield sse_event({"delta": backlog})
+            while True:
+                kind, payload = await queue.get()
+                if kind == "delta":
+                    yield sse_event({"delta": payload})
+                elif kind == "done":
+                    yield sse_event({"done": True, "value": payload})
+                    return
+                else:
+                    yield sse_event({"error": payload})
+                    return
+        finally:
+            var.subscribers.remove(queue)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.get("/sessions/{session_id}/graph")
+async def get_graph(request: Request, session_id: str) -> GraphInfo:
+    sessions = _sessions(request)
+    return sessions.graph_info(sessions.get(session_id))

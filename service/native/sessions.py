@@ -1,0 +1,145 @@
+"""Sessions of the native API: each owns a graph; idle ones are deleted after a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+from parrot.schemas import (
+    CallInfo,
+    CallTimings,
+    Criterion,
+    EdgeInfo,
+    GraphInfo,
+    GraphSubmit,
+    VariableInfo,
+)
+from parrot.service.errors import ConflictError, NotFoundError
+from parrot.service.native.executor import Executor
+from parrot.service.native.graph import SessionGraph, Variable
+from parrot.service.native.objectives import apply_fetch, assign_task_groups
+
+DEFAULT_IDLE_TIMEOUT_S = 3600.0
+
+
+class Session:
+    def __init__(self, session_id: str, idle_timeout_s: float) -> None:
+        self.id = session_id
+        self.idle_timeout_s = idle_timeout_s
+        self.graph = SessionGraph()
+        self.last_active = time.monotonic()
+        self.deleted = False
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+
+def variable_info(var: Variable) -> VariableInfo:
+    return VariableInfo(id=var.id, name=var.name, ready=var.ready, value=var.value, error=var.error,
+                        producer=var.producer.id if var.producer else None)
+
+
+class SessionManager:
+    def __init__(self, executor: Executor, default_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
+        self.executor = executor
+        self.default_idle_timeout_s = default_idle_timeout_s
+        self.sessions: dict[str, Session] = {}
+        self._reaper: asyncio.Task | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------
+    def create(self, idle_timeout_s: float | None = None) -> Session:
+        session = Session(uuid.uuid4().hex, idle_timeout_s or self.default_idle_timeout_s)
+        self.sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise NotFoundError(f"session {session_id!r} not found", param="session_id")
+        session.touch()
+        return session
+
+    def delete(self, session_id: str) -> None:
+        """Cancel the session's unfinished calls (aborting their engine requests) and drop it."""
+        session = self.get(session_id)
+        del self.sessions[session_id]
+        session.deleted = True
+        for call in session.graph.calls.values():
+            self.executor.cancel(call, "the session was deleted")
+        for var in session.graph.variables.values():
+            var.fail("the session was deleted")
+
+    async def start(self, interval_s: float = 1.0) -> None:
+        async def reap() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                now = time.monotonic()
+                for session in list(self.sessions.values()):
+                    if now - session.last_active > session.idle_timeout_s:
+                        self.delete(session.id)
+
+        self._reaper = asyncio.create_task(reap())
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for session_id in list(self.sessions):
+            self.delete(session_id)
+
+    # ---- graph operations ------------------------------------------------------------
+    def submit(self, graph: GraphSubmit) -> list[str]:
+        session = self.get(graph.session_id)
+        calls = session.graph.add(graph)
+        assign_task_groups(calls)
+        self.executor.calls_added(calls)
+        return [c.id for c in calls]
+
+    def set_variable(self, session: Session, var_id: str, value: str | None, error: str | None) -> Variable:
+        var = session.graph.variable(var_id)
+        if var.producer is not None and var.producer.kind == "llm":
+            raise ConflictError(f"variable {var_id!r} is produced by call {var.producer.id!r}; "
+                                "only its producer sets it")
+        if var.settled.is_set():
+            raise ConflictError(f"variable {var_id!r} is already set")
+        if (value is None) == (error is None):
+            raise ConflictError("set exactly one of value and error")
+        if value is not None:
+            var.set(value)
+        else:
+            var.fail(error or "")
+        self.executor.variable_settled(var)
+        return var
+
+    async def fetch(self, session: Session, var_id: str, criterion: Criterion | None,
+                    timeout_s: float) -> Variable:
+        """Wait up to ``timeout_s`` for a value; a criterion first re-ranks every ancestor call."""
+        var = session.graph.variable(var_id)
+        if criterion is not None:
+            for call in apply_fetch(var, criterion):
+                await self.executor.reprioritize(call)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(var.settled.wait(), timeout_s)
+        if session.deleted:
+            raise NotFoundError(f"session {session.id!r} was deleted", param="session_id")
+        session.touch()
+        return var
+
+    def graph_info(self, session: Session) -> GraphInfo:
+        graph = session.graph
+        calls = [
+            CallInfo(
+                id=c.id, name=c.name, kind=c.kind, state=c.state,
+                inputs=[v.id for v in c.inputs], outputs=[v.id for v in c.outputs],
+                criterion=c.criterion, priority=c.priority, group=c.group, error=c.error,
+                timings=CallTimings(created=c.created, started=c.started, finished=c.finished),
+                prompt_tokens=c.prompt_tokens, cached_tokens=c.cached_tokens,
+            )
+            for c in graph.calls.values()
+        ]
+        edges = [EdgeInfo(source=p.id, target=c.id, var=v.id) for p, c, v in graph.edges()]
+        return GraphInfo(session_id=session.id, calls=calls,
+                         variables=[variable_info(v) for v in graph.variables.values()], edges=edges)

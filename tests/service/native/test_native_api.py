@@ -1,0 +1,257 @@
+"""The native API against a live service on a tiny model: graphs, objectives, errors."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+import torch
+
+from parrot.service.app import create_app
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def out(var, max_tokens=8, **sampling):
+    sampling = {"max_tokens": max_tokens, "ignore_eos": True, **sampling}
+    return {"type": "output", "var": var, "sampling": sampling}
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+def inp(var):
+    return {"type": "input", "var": var}
+
+
+class Native:
+    """A thin test client over httpx for one session."""
+
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+        self.sid = http.post("/v1/sessions", json={}).json()["id"]
+
+    def submit(self, variables=(), calls=(), expect=200):
+        r = self.http.post("/v1/graphs", json={"session_id": self.sid, "variables": list(variables),
+                                               "calls": list(calls)})
+        assert r.status_code == expect, r.text
+        return r.json()
+
+    def get(self, var, criterion="latency", expect=200, timeout=30):
+        params = {"timeout": timeout} | ({"criterion": criterion} if criterion else {})
+        r = self.http.get(f"/v1/sessions/{self.sid}/variables/{var}", params=params)
+        assert r.status_code == expect, r.text
+        return r.json()
+
+    def graph(self):
+        return self.http.get(f"/v1/sessions/{self.sid}/graph").json()
+
+    def call(self, call_id):
+        return next(c for c in self.graph()["calls"] if c["id"] == call_id)
+
+
+@pytest.fixture
+def server(live_server_factory):
+    return live_server_factory()
+
+
+@pytest.fixture
+def native(server):
+    with server.http() as http:
+        yield Native(http)
+
+
+def test_chain_runs_in_dependency_order_and_reuses_the_parents_kv(native):
+    native.submit(
+        variables=[{"id": "task", "value": "a snake game"}, {"id": "code"}, {"id": "review"}],
+        calls=[
+            {"id": "write", "segments": [text("Write python code of "), inp("task"), text(". Code: "),
+                                         out("code", 12)]},
+            # The reviewer's prompt starts with the writer's whole context: a radix-cache hit.
+            {"id": "check", "segments": [text("Write python code of "), inp("task"), text(". Code: "),
+                                         inp("code"), text(" Review: "), out("review", 6)]},
+        ],
+    )
+    review = native.get("review")
+    assert review["ready"] and review["producer"] == "check"
+    write, check = native.call("write"), native.call("check")
+    assert write["state"] == check["state"] == "done"
+    assert check["timings"]["started"] >= write["timings"]["finished"] - 1e-3
+    assert check["cached_tokens"] >= write["prompt_tokens"] + 12 - 1
+
+
+def test_independent_siblings_run_at_the_same_time(native):
+    calls = [{"id": f"s{i}", "segments": [text(f"Story {i}:"), out(f"v{i}", 24)]} for i in range(3)]
+    native.submit(variables=[{"id": f"v{i}"} for i in range(3)], calls=calls)
+    for i in range(3):
+        native.get(f"v{i}")
+    spans = [(c["timings"]["started"], c["timings"]["finished"]) for c in native.graph()["calls"]]
+    assert max(s for s, _ in spans) < min(f for _, f in spans)  # all started before any finished
+
+
+def test_latency_fetch_flows_back_with_critical_path_priorities_and_groups(native):
+    # short and long feed the reducer; unrelated is not an ancestor of the fetched variable.
+    native.submit(
+        variables=[{"id": v} for v in ("a", "b", "r", "u")],
+        calls=[
+            {"id": "short", "segments": [text("A:"), out("a", 2)]},
+            {"id": "long", "segments": [text("B:"), out("b", 16)]},
+            {"id": "reduce", "segments": [inp("a"), inp("b"), text(" Sum:"), out("r", 4)]},
+            {"id": "unrelated", "segments": [text("U:"), out("u", 2)]},
+        ],
+    )
+    native.get("r", criterion="latency")
+    calls = {c["id"]: c for c in native.graph()["calls"]}
+    assert {calls[c]["criterion"] for c in ("short", "long", "reduce")} == {"latency"}
+    assert calls["unrelated"]["criterion"] is None
+    assert calls["long"]["priority"] == calls["reduce"]["priority"] > calls["short"]["priority"] >= 100
+    assert calls["short"]["group"] == calls["long"]["group"] == "reduce"
+    native.get("u", criterion="throughput")
+    assert native.call("unrelated")["criterion"] == "throughput"
+
+
+def test_several_outputs_fill_and_generate_in_one_sequence(native, server):
+    native.submit(
+        variables=[{"id": "x"}, {"id": "y"}],
+        calls=[{"id": "two", "segments": [text("Name:"), out("x", 5), text(" Age:"), out("y", 5)]}],
+    )
+    x, y = native.get("x")["value"], native.get("y")["value"]
+    assert x and y
+    # The same fill -> generate -> fill -> generate by hand gives the same text.
+    engine = server.engine
+    first = engine.encode("Name:")
+    gen = server.hf_model.generate(
+        torch.tensor([first]), max_new_tokens=5, do_sample=False, min_new_tokens=5
+    )[0, len(first):].tolist()
+    assert engine.decode(gen) == x
+
+
+def test_native_call_outputs_set_by_the_client_feed_llm_calls(native):
+    native.submit(
+        variables=[{"id": "raw"}, {"id": "clean"}, {"id": "final"}],
+        calls=[
+            {"id": "gen", "segments": [text("Data:"), out("raw", 4)]},
+            {"id": "py", "kind": "native", "inputs": ["raw"], "outputs": ["clean"]},
+            {"id": "use", "segments": [text("Clean:"), inp("clean"), out("final", 4)]},
+        ],
+    )
+    raw = native.get("raw", criterion=None)["value"]
+    assert native.call("py")["state"] == "running"  # waiting for the client
+    r = native.http.post(f"/v1/sessions/{native.sid}/variables/clean", json={"value": raw.upper()})
+    assert r.status_code == 200
+    assert native.get("final")["ready"]
+    assert native.call("py")["state"] == "done"
+    graph = native.graph()
+    assert {(e["source"], e["target"]) for e in graph["edges"]} == {("gen", "py"), ("py", "use")}
+
+
+def test_stream_deltas_add_up_to_the_value(native):
+    native.submit(variables=[{"id": "s"}], calls=[{"id": "c", "segments": [text("Once"), out("s", 20)]}])
+    deltas, final = [], None
+    with native.http.stream("GET", f"/v1/sessions/{native.sid}/variables/s/stream") as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                if "delta" in event:
+                    deltas.append(event["delta"])
+                else:
+                    final = event
+    assert final == {"done": True, "value": "".join(deltas)}
+    assert native.get("s")["value"] == final["value"]
+
+
+def test_graph_errors_are_clear_4xx_and_change_nothing(native, server):
+    bad = [
+        # a cycle
+        ({"variables": [{"id": "p"}, {"id": "q"}],
+          "calls": [{"id": "c1", "segments": [inp("q"), out("p")]},
+                    {"id": "c2", "segments": [inp("p"), out("q")]}]}, 400, "cycle"),
+        # an unknown variable
+        ({"calls": [{"id": "c3", "segments": [inp("nope"), out("nope2")]}]}, 404, "not found"),
+        # two producers of one variable
+        ({"variables": [{"id": "z"}], "calls": [{"id": "c4", "segments": [out("z")]},
+                                                {"id": "c5", "segments": [out("z")]}]}, 409, "producer"),
+        # a call producing a constant
+        ({"variables": [{"id": "k", "value": "fixed"}], "calls": [{"id": "c6", "segments": [out("k")]}]},
+         409, "has a value"),
+        # a malformed segment
+        ({"calls": [{"id": "c7", "segments": [{"type": "bogus"}]}]}, 400, "segments"),
+        # no output at all
+        ({"calls": [{"id": "c8", "segments": [text("hi")]}]}, 400, "no output"),
+    ]
+    for body, status, words in bad:
+        r = native.http.post("/v1/graphs", json={"session_id": native.sid, **body})
+        assert r.status_code == status, (body, r.text)
+        assert words in r.json()["error"]["message"], r.text
+    graph = native.graph()
+    assert graph["calls"] == [] and graph["variables"] == []
+    # setting a variable an llm call produces
+    native.submit(variables=[{"id": "made"}],
+                  calls=[{"id": "maker", "segments": [text("x"), out("made", 2)]}])
+    r = native.http.post(f"/v1/sessions/{native.sid}/variables/made", json={"value": "forged"})
+    assert r.status_code == 409 and "produced by call" in r.json()["error"]["message"]
+    assert native.get("made")["value"] != "forged"
+
+
+def test_another_sessions_variables_are_invisible(server):
+    with server.http() as http:
+        a, b = Native(http), Native(http)
+        a.submit(variables=[{"id": "secret", "value": "the password"}])
+        assert "the password" not in json.dumps(b.get("secret", expect=404))
+        r = http.post("/v1/graphs", json={"session_id": b.sid, "calls": [
+            {"id": "steal", "segments": [inp("secret"), out("leak")]}]})
+        assert r.status_code == 404
+        assert b.graph()["calls"] == []
+
+
+def test_failed_call_fails_its_dependents_with_the_cause(native):
+    too_long = "word " * 3000  # beyond the tiny model's 2048-token context
+    native.submit(
+        variables=[{"id": "big", "value": too_long}, {"id": "a"}, {"id": "b"}],
+        calls=[{"id": "first", "segments": [inp("big"), out("a", 4)]},
+               {"id": "second", "segments": [inp("a"), out("b", 4)]}],
+    )
+    err = native.get("b", expect=424)["error"]["message"]
+    assert "context length" in err and "first" in err
+    calls = {c["id"]: c for c in native.graph()["calls"]}
+    assert calls["first"]["state"] == calls["second"]["state"] == "failed"
+
+
+def test_deleting_a_session_cancels_its_work_and_frees_the_engine(native, server):
+    native.submit(variables=[{"id": "long"}],
+                  calls=[{"id": "forever", "segments": [text("Go:"), out("long", 1500)]}])
+    deadline = time.monotonic() + 10
+    while server.engine.load().num_running == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert native.http.delete(f"/v1/sessions/{native.sid}").status_code == 200
+    while server.engine.load().num_running and time.monotonic() < deadline + 5:
+        time.sleep(0.02)
+    assert server.engine.load().num_running == 0
+    for path in ("/graph", "/variables/long"):
+        r = native.http.get(f"/v1/sessions/{native.sid}{path}")
+        assert r.status_code == 404
+    r = native.http.post("/v1/graphs", json={"session_id": native.sid, "calls": []})
+    assert r.status_code == 404
+
+
+def test_idle_sessions_expire(tiny_engine_factory, serve_app):
+    engine, _ = tiny_engine_factory()
+    with serve_app(create_app(engine)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        sid = http.post("/v1/sessions", json={"idle_timeout_s": 0.5}).json()["id"]
+        assert http.get(f"/v1/sessions/{sid}/graph").status_code == 200
+        time.sleep(2.0)
+        assert http.get(f"/v1/sessions/{sid}/graph").status_code == 404
+
+
+def test_long_poll_times_out_with_ready_false(native):
+    native.submit(variables=[{"id": "later"}])  # a client-owned variable nobody set yet
+    t = time.monotonic()
+    info = native.get("later", criterion=None, timeout=0.3)
+    assert info["ready"] is False and time.monotonic() - t >= 0.3
