@@ -93,6 +93,9 @@ class CallDecl(_Strict):
 
 
 class GraphSubmit(_Strict):
+    """Part of a session's graph. Every variable a call reads or writes must be declared in
+    ``variables``, here or in an earlier submission; a call's outputs without a value."""
+
     session_id: VarId
     variables: list[VariableDecl] = Field(default_factory=list)
     calls: list[CallDecl] = Field(default_factory=list)

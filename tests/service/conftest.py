@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import re
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from parrot.service.app import create_app
 from parrot.service.engine.builtin.engine import BuiltinEngine
@@ -41,37 +36,14 @@ class LiveServer:
         return httpx.Client(base_url=self.base_url, timeout=30)
 
 
-@contextmanager
-def serve_in_thread(app) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a background thread; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port meanwhile
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 @pytest.fixture
-def live_server_factory(tiny_engine_factory):
+def live_server_factory(tiny_engine_factory, serve_app):
     """Start servers on tiny engines; keyword arguments go to the engine config."""
     with ExitStack() as servers:
 
         def start(**engine_config) -> LiveServer:
             engine, hf_model = tiny_engine_factory(**engine_config)
-            base_url = servers.enter_context(serve_in_thread(create_app(engine)))
+            base_url = servers.enter_context(serve_app(create_app(engine)))
             return LiveServer(base_url, engine, hf_model)
 
         yield start
@@ -99,8 +71,3 @@ def metric():
     """``metric(text, name, **labels)``: read one sample from a /metrics page."""
     return read_metric
 
-
-@pytest.fixture
-def serve_app():
-    """``serve_app(app)``: a context manager serving any app on a free loopback port."""
-    return serve_in_thread
