@@ -5,6 +5,8 @@ HTTP routes (JSON; errors are ``{"error": {"message", "type", "param", "code"}}`
     POST   /v1/sessions                                   -> SessionInfo
     DELETE /v1/sessions/{sid}                             cancels pending calls, frees their KV
     POST   /v1/graphs                  GraphSubmit        -> GraphAccepted
+    POST   /v1/sessions/{sid}/calls    CallDecl           -> CallInfo  (one call; creates its outputs)
+    GET    /v1/sessions/{sid}/calls/{cid}                 -> CallInfo
     POST   /v1/sessions/{sid}/variables  VariableCreate   -> VariableInfo
     POST   /v1/sessions/{sid}/variables/{vid}  VariableSet -> VariableInfo   (client-set values)
     GET    /v1/sessions/{sid}/variables/{vid}?criterion=latency&timeout=30 -> VariableInfo

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from parrot.schemas import (
+    CallDecl,
+    CallInfo,
     Criterion,
     GraphAccepted,
     GraphInfo,
@@ -48,6 +50,21 @@ async def delete_session(request: Request, session_id: str) -> dict:
 async def submit_graph(request: Request, body: GraphSubmit) -> GraphAccepted:
     calls = _sessions(request).submit(body)
     return GraphAccepted(session_id=body.session_id, variables=[v.id for v in body.variables], calls=calls)
+
+
+@router.post("/sessions/{session_id}/calls")
+async def submit_call(request: Request, session_id: str, body: CallDecl) -> CallInfo:
+    """One call at a time; its output variables are created if the session lacks them."""
+    sessions = _sessions(request)
+    session = sessions.get(session_id)
+    sessions.submit(sessions.single_call_graph(session, body))
+    return sessions.call_info(session, body.id)
+
+
+@router.get("/sessions/{session_id}/calls/{call_id}")
+async def get_call(request: Request, session_id: str, call_id: str) -> CallInfo:
+    sessions = _sessions(request)
+    return sessions.call_info(sessions.get(session_id), call_id)
 
 
 @router.post("/sessions/{session_id}/variables")

@@ -88,7 +88,7 @@ class Call:
         return self.state in ("done", "failed", "cancelled")
 
 
-def _call_vars(decl: CallDecl) -> tuple[list[str], list[str]]:
+def call_variable_ids(decl: CallDecl) -> tuple[list[str], list[str]]:
     """(input ids, output ids) of a declared call, in template order."""
     if decl.kind == "native":
         return list(decl.inputs), list(decl.outputs)
@@ -133,7 +133,7 @@ class SessionGraph:
         producer_of: dict[str, str] = {}  # var id -> call id, for this graph's calls
         wiring: dict[str, tuple[list[str], list[str]]] = {}
         for decl in graph.calls:
-            inputs, outputs = _call_vars(decl)
+            inputs, outputs = call_variable_ids(decl)
             if not outputs:
                 raise BadRequestError(f"call {decl.id!r} produces no output variable")
             if decl.kind == "native" and decl.segments:

@@ -8,17 +8,19 @@ import time
 import uuid
 
 from parrot.schemas import (
+    CallDecl,
     CallInfo,
     CallTimings,
     Criterion,
     EdgeInfo,
     GraphInfo,
     GraphSubmit,
+    VariableDecl,
     VariableInfo,
 )
 from parrot.service.errors import ConflictError, NotFoundError
 from parrot.service.native.executor import Executor
-from parrot.service.native.graph import SessionGraph, Variable
+from parrot.service.native.graph import Call, SessionGraph, Variable, call_variable_ids
 from parrot.service.native.objectives import apply_fetch, assign_task_groups
 
 DEFAULT_IDLE_TIMEOUT_S = 3600.0
@@ -128,18 +130,31 @@ class SessionManager:
         session.touch()
         return var
 
+    @staticmethod
+    def single_call_graph(session: Session, call: CallDecl) -> GraphSubmit:
+        """A one-call graph that also declares the call's outputs the session does not have yet."""
+        _, outputs = call_variable_ids(call)
+        new = [VariableDecl(id=v) for v in dict.fromkeys(outputs) if v not in session.graph.variables]
+        return GraphSubmit(session_id=session.id, variables=new, calls=[call])
+
+    def call_info(self, session: Session, call_id: str) -> CallInfo:
+        call = session.graph.calls.get(call_id)
+        if call is None:
+            raise NotFoundError(f"call {call_id!r} not found in this session", param="call_id")
+        return _call_info(call)
+
     def graph_info(self, session: Session) -> GraphInfo:
         graph = session.graph
-        calls = [
-            CallInfo(
-                id=c.id, name=c.name, kind=c.kind, state=c.state,
-                inputs=[v.id for v in c.inputs], outputs=[v.id for v in c.outputs],
-                criterion=c.criterion, priority=c.priority, group=c.group, error=c.error,
-                timings=CallTimings(created=c.created, started=c.started, finished=c.finished),
-                prompt_tokens=c.prompt_tokens, cached_tokens=c.cached_tokens,
-            )
-            for c in graph.calls.values()
-        ]
         edges = [EdgeInfo(source=p.id, target=c.id, var=v.id) for p, c, v in graph.edges()]
-        return GraphInfo(session_id=session.id, calls=calls,
+        return GraphInfo(session_id=session.id, calls=[_call_info(c) for c in graph.calls.values()],
                          variables=[variable_info(v) for v in graph.variables.values()], edges=edges)
+
+
+def _call_info(c: Call) -> CallInfo:
+    return CallInfo(
+        id=c.id, name=c.name, kind=c.kind, state=c.state,
+        inputs=[v.id for v in c.inputs], outputs=[v.id for v in c.outputs],
+        criterion=c.criterion, priority=c.priority, group=c.group, error=c.error,
+        timings=CallTimings(created=c.created, started=c.started, finished=c.finished),
+        prompt_tokens=c.prompt_tokens, cached_tokens=c.cached_tokens,
+    )

@@ -255,3 +255,17 @@ def test_long_poll_times_out_with_ready_false(native):
     t = time.monotonic()
     info = native.get("later", criterion=None, timeout=0.3)
     assert info["ready"] is False and time.monotonic() - t >= 0.3
+
+
+def test_calls_one_by_one_create_their_outputs_and_chain(native):
+    base = f"/v1/sessions/{native.sid}"
+    r = native.http.post(f"{base}/calls", json={"id": "one", "segments": [text("Hi:"), out("first", 3)]})
+    assert r.status_code == 200 and r.json()["outputs"] == ["first"]
+    r = native.http.post(f"{base}/calls", json={"id": "two", "segments": [inp("first"), out("second", 3)]})
+    assert r.status_code == 200
+    assert native.get("second")["ready"]
+    info = native.http.get(f"{base}/calls/two").json()
+    assert info["state"] == "done" and info["inputs"] == ["first"]
+    assert native.http.get(f"{base}/calls/missing").status_code == 404
+    r = native.http.post(f"{base}/calls", json={"id": "two", "segments": [out("third")]})
+    assert r.status_code == 409
