@@ -117,18 +117,18 @@ class Workload:
         return self.num_requests * self.new_tokens
 
 
-def system_prompt(tokenizer, lo: int = 950, hi: int = 1050) -> tuple[str, int]:
-    """Deterministic numbered rules, grown until the text is about 1,000 tokens."""
+def system_prompt(tokenizer, target: int = 1000) -> tuple[str, int]:
+    """Deterministic numbered rules, grown until the text is about ``target`` tokens."""
     lines = ["You are the support assistant of Acme Cloud. Follow every rule below."]
     i = 0
-    while len(tokenizer.encode("\n".join(lines), add_special_tokens=False)) < 1000:
+    while len(tokenizer.encode("\n".join(lines), add_special_tokens=False)) < target:
         topic, guideline = _TOPICS[i % len(_TOPICS)], _GUIDELINES[i % len(_GUIDELINES)]
         lines.append(f"Rule {i + 1}: when a user asks about {topic}, {guideline}.")
         i += 1
     text = "\n".join(lines)
     n = len(tokenizer.encode(text, add_special_tokens=False))
-    if not lo <= n <= hi:
-        raise RuntimeError(f"system prompt has {n} tokens, outside [{lo}, {hi}]")
+    if not target <= n < target + 50:  # one rule line overshoots by at most ~30 tokens
+        raise RuntimeError(f"system prompt has {n} tokens, not about {target}")
     return text, n
 
 
@@ -137,8 +137,8 @@ def user_turn(i: int) -> str:
     return question if i < len(_QUESTIONS) else f"{question} (ticket {i})"
 
 
-def build_workload(tokenizer, num_requests: int, new_tokens: int) -> Workload:
-    system, n_system = system_prompt(tokenizer)
+def build_workload(tokenizer, num_requests: int, new_tokens: int, prefix_tokens: int = 1000) -> Workload:
+    system, n_system = system_prompt(tokenizer, prefix_tokens)
     texts = [
         tokenizer.apply_chat_template(
             [{"role": "system", "content": system}, {"role": "user", "content": user_turn(i)}],

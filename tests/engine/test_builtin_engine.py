@@ -65,8 +65,8 @@ async def test_shared_prefix_batch_matches_transformers_with_and_without_two_pha
 ):
     system = "You are a helpful assistant. Answer briefly and precisely. " * 12
     prompts = [tokenizer.encode(system + f"Question {i}: what is {i} plus {i}?") for i in range(6)]
-    for min_shared_prefix in (0, 16):
-        engine, hf = tiny_engine_factory(min_shared_prefix=min_shared_prefix)
+    for min_saved in (None, 1):  # two-phase off, then on for every shared prefix
+        engine, hf = tiny_engine_factory(two_phase_min_saved_tokens=min_saved)
         expected = [hf_greedy(hf, ids, 16) for ids in prompts]
         try:
             await run(engine, prompts[0], greedy(1))  # caches the shared system prompt

@@ -25,30 +25,48 @@ def _path(node: RadixNode | None) -> list[RadixNode]:
 
 
 def group_by_shared_prefix(
-    decodes: list[Request], min_prefix: int, min_group: int = 2
+    decodes: list[Request], min_saved_tokens: int | None
 ) -> list[tuple[list[Request], int]]:
-    """Split decode requests into (members, shared prefix length) groups; 0 = plain group."""
-    by_first: dict[int, list[tuple[Request, list[RadixNode]]]] = {}
+    """Split decode requests into (members, shared prefix length) groups; length 0 = plain.
+
+    Requests group at a radix node that several of them pass through, starting at the
+    first such node on their path. A request moves down to a deeper shared node ``Y``
+    when that saves reads: ``Y``'s members then skip ``count(Y) * (P(Y) - P(here))``
+    suffix tokens but ``Y``'s prefix is read once more, so a long prefix shared by a
+    few splits off from a short one (a chat template) shared by all, while requests
+    that share only a word more stay in the big group. A group runs two-phase when
+    reading its prefix once instead of per member saves at least ``min_saved_tokens``
+    token reads per layer, i.e. (members - 1) * prefix length. ``None`` turns it off.
+    """
+    if min_saved_tokens is None:
+        return [(list(decodes), 0)] if decodes else []
+    paths = [_path(req.node) for req in decodes]
+    count: dict[int, int] = {}
+    for path in paths:
+        for node in path:
+            count[id(node)] = count.get(id(node), 0) + 1
+    by_node: dict[int, tuple[list[Request], int]] = {}
     plain: list[Request] = []
-    for req in decodes:
-        path = _path(req.node)
-        if path:
-            by_first.setdefault(id(path[0]), []).append((req, path))
-        else:
+    for req, path in zip(decodes, paths, strict=True):
+        here: RadixNode | None = None
+        here_len = prefix_len = 0
+        for node in path:
+            prefix_len += len(node.key)
+            n = count[id(node)]
+            if n < 2:
+                break
+            if here is None or n == count[id(here)] or n * (prefix_len - here_len) > prefix_len:
+                here, here_len = node, prefix_len
+        if here is None:
             plain.append(req)
-    groups: list[tuple[list[Request], int]] = []
-    for members in by_first.values():
-        common = members[0][1]
-        for _, path in members[1:]:
-            n = 0
-            while n < min(len(common), len(path)) and common[n] is path[n]:
-                n += 1
-            common = common[:n]
-        prefix_len = sum(len(node.key) for node in common)
-        if len(members) >= min_group and prefix_len >= min_prefix:
-            groups.append(([req for req, _ in members], prefix_len))
         else:
-            plain.extend(req for req, _ in members)
+            by_node.setdefault(id(here), ([], here_len))[0].append(req)
+    groups: list[tuple[list[Request], int]] = []
+    for members, prefix_len in by_node.values():
+        if len(members) >= 2 and (len(members) - 1) * prefix_len >= max(min_saved_tokens, 1):
+            groups.append((members, prefix_len))
+        else:
+            plain.extend(members)
     if plain:
         groups.append((plain, 0))
     return groups
@@ -64,7 +82,7 @@ def _table(rows: list[list[int]], device: torch.device, dtype: torch.dtype):
 
 
 def build_forward_batch(
-    batch: ScheduledBatch, device: torch.device, dtype: torch.dtype, min_shared_prefix: int
+    batch: ScheduledBatch, device: torch.device, dtype: torch.dtype, min_saved_tokens: int | None
 ) -> tuple[ForwardBatch, list[Request]]:
     """Return the step's tensors and the requests that sample a token, in logit-row order."""
     input_ids: list[int] = []
@@ -73,7 +91,7 @@ def build_forward_batch(
     samplers: list[Request] = []
     logit_rows: list[int] = []
     decode_groups: list[DecodeGroup] = []
-    for members, prefix_len in group_by_shared_prefix(batch.decodes, min_shared_prefix):
+    for members, prefix_len in group_by_shared_prefix(batch.decodes, min_saved_tokens):
         for req in members:
             pos = req.num_computed
             logit_rows.append(len(input_ids))
