@@ -29,7 +29,7 @@ from parrot.service.engine.base import (
 )
 from parrot.service.engine.builtin import loader
 from parrot.service.engine.builtin.batch_builder import build_forward_batch
-from parrot.service.engine.builtin.model import LlamaRunner
+from parrot.service.engine.builtin.model import LlamaRunner, kv_bytes_per_token
 from parrot.service.engine.builtin.radix_cache import RadixCache
 from parrot.service.engine.builtin.request import IncrementalDetokenizer, Request
 from parrot.service.engine.builtin.sampler import make_generator, sample
@@ -90,9 +90,7 @@ class BuiltinEngine(Engine):
         self.model_name = model_name or Path(str(hf_model.config.name_or_path)).name or "model"
         self.tokenizer = tokenizer
         hf_config = hf_model.config
-        kv_bytes = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * (
-            getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        ) * hf_model.dtype.itemsize
+        kv_bytes = kv_bytes_per_token(hf_config, hf_model.dtype)
         num_slots = max(int(config.kv_cache_gib * 2**30 // kv_bytes), 256)
         self.runner = LlamaRunner(hf_model, num_slots, self.device)
         del hf_model

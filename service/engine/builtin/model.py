@@ -61,6 +61,15 @@ class _Layer:
     down: torch.Tensor
 
 
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of K and V one token takes in the pool, over all layers."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * dtype.itemsize
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same arithmetic as transformers' LlamaRMSNorm, so greedy outputs agree.
     dtype = x.dtype
@@ -83,7 +92,7 @@ class LlamaRunner:
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = head_dim_of(config)
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim**-0.5
         self.vocab_size = config.vocab_size
@@ -101,7 +110,7 @@ class LlamaRunner:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k_pool[0].element_size()
+        return kv_bytes_per_token(self.config, self.dtype)
 
     def _fuse(self, layer) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
