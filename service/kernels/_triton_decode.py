@@ -19,6 +19,23 @@ NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _attend_block(q, k_base, v_base, slots, n_ok, d, d_ok, stride_ks, stride_vs, qk_scale,
+                  m, l_sum, acc, PRECISION: tl.constexpr):
+    """One online-softmax step: fold the keys at ``slots`` (where ``n_ok``) into (m, l_sum, acc)."""
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + slots[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_sum, acc
+
+
+@triton.jit
 def prefix_partial_kernel(
     q_ptr, k_ptr, v_ptr,
     prefix_slots_ptr,  # [sum P] int64, the groups' prefix slots back to back
@@ -63,17 +80,8 @@ def prefix_partial_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < hi
         slots = tl.load(prefix_slots_ptr + p_start + n, mask=n_ok, other=0)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + slots[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l_sum, acc = _attend_block(q, k_base, v_base, slots, n_ok, d, d_ok, stride_ks, stride_vs,
+                                      qk_scale, m, l_sum, acc, PRECISION)
 
     # An empty split (prefix shorter than the splits) writes lse = -inf, weight 0.
     seen = l_sum > 0
@@ -138,17 +146,8 @@ def decode_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < length
         slots = tl.load(table_ptr + b * stride_tb + n, mask=n_ok, other=0)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + slots[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l_sum, acc = _attend_block(q, k_base, v_base, slots, n_ok, d, d_ok, stride_ks, stride_vs,
+                                      qk_scale, m, l_sum, acc, PRECISION)
 
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     tl.store(out_ptr + b * stride_outb + head[:, None] * stride_outh + d[None, :],
