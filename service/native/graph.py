@@ -156,8 +156,8 @@ class SessionGraph:
             wiring[decl.id] = (inputs, outputs)
         self._check_acyclic(wiring, producer_of)
 
-        for decl in graph.variables:
-            self.add_variable(decl.id, decl.name, decl.value)
+        for var_decl in graph.variables:
+            self.add_variable(var_decl.id, var_decl.name, var_decl.value)
         calls = []
         for decl in graph.calls:
             inputs, outputs = wiring[decl.id]

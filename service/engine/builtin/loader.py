@@ -86,7 +86,7 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     # The de-quantized weights are plain tensors; drop the GGUF marker so they save.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -114,7 +114,10 @@ class LlamaRunner:
 
     def _fuse(self, layer) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
-        to = lambda t: None if t is None else t.detach().to(self.device)  # noqa: E731
+
+        def to(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(self.device)
+
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
         return _Layer(
             input_norm=to(layer.input_layernorm.weight),
@@ -141,7 +144,7 @@ class LlamaRunner:
             qkv = F.linear(_rms_norm(x, layer.input_norm, self.eps), layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
             q, k, v = q.view(num_tokens, h, d), k.view(num_tokens, kv, d), v.view(num_tokens, kv, d)
-            if layer.q_norm is not None:
+            if layer.q_norm is not None and layer.k_norm is not None:  # qwen3
                 q = _rms_norm(q, layer.q_norm, self.eps)
                 k = _rms_norm(k, layer.k_norm, self.eps)
             q = q * cos + _rotate_half(q) * sin
