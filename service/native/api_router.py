@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Query, Request, Response
 
 from parrot.schemas import (
     CallDecl,
@@ -22,7 +21,7 @@ from parrot.schemas import (
     VariableSet,
 )
 from parrot.service.errors import FailedDependencyError
-from parrot.service.http_utils import sse_event
+from parrot.service.http_utils import sse_event, sse_response
 from parrot.service.native.sessions import SessionManager, variable_info
 
 router = APIRouter(prefix="/v1", tags=["native"])
@@ -97,7 +96,7 @@ async def get_variable(
 @router.get("/sessions/{session_id}/variables/{var_id}/stream")
 async def stream_variable(
     request: Request, session_id: str, var_id: str, criterion: Criterion = Criterion.TTFT,
-) -> StreamingResponse:
+) -> Response:
     sessions = _sessions(request)
     session = sessions.get(session_id)
     var = session.graph.variable(var_id)
@@ -126,7 +125,8 @@ async def stream_variable(
         finally:
             var.subscribers.remove(queue)
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    # Closes the generator when the client disconnects, so its subscription goes too.
+    return sse_response(events())
 
 
 @router.get("/sessions/{session_id}/graph")

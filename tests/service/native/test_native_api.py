@@ -269,3 +269,19 @@ def test_calls_one_by_one_create_their_outputs_and_chain(native):
     assert native.http.get(f"{base}/calls/missing").status_code == 404
     r = native.http.post(f"{base}/calls", json={"id": "two", "segments": [out("third")]})
     assert r.status_code == 409
+
+
+def test_a_stream_client_that_leaves_drops_its_subscription(tiny_engine_factory, serve_app):
+    engine, _ = tiny_engine_factory()
+    app = create_app(engine)
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        native = Native(http)
+        native.submit(variables=[{"id": "long"}],
+                      calls=[{"id": "c", "segments": [text("Go:"), out("long", 400)]}])
+        with http.stream("GET", f"/v1/sessions/{native.sid}/variables/long/stream") as resp:
+            next(line for line in resp.iter_lines() if line.startswith("data: "))
+        var = app.state.sessions.get(native.sid).graph.variable("long")
+        deadline = time.monotonic() + 10
+        while var.subscribers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert var.subscribers == []
