@@ -160,6 +160,7 @@ class CallInfo(BaseModel):
     timings: CallTimings
     cached_tokens: int = 0
     prompt_tokens: int = 0
+    engine: str | None = None  # the engine that ran the call (see GET /v1/engines)
 
 
 class EdgeInfo(BaseModel):

@@ -1,4 +1,5 @@
-"""The ``parrot`` command: ``serve`` runs the HTTP service, ``generate`` runs one prompt."""
+"""The ``parrot`` command: ``serve`` runs the HTTP service, ``engine`` an engine process that
+registers with one, ``generate`` runs one prompt."""
 
 from __future__ import annotations
 
@@ -24,15 +25,35 @@ ModelOption = Annotated[
 ]
 DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto")]
 DtypeOption = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
+KVCacheOption = Annotated[float, typer.Option(help="Memory for the KV cache, in GiB")]
+MaxRunningOption = Annotated[int, typer.Option(min=1, help="Most requests in one batch")]
+LatencyStepOption = Annotated[int, typer.Option(
+    min=0, help="Tokens a step may hold while latency-critical requests run; throughput requests "
+                "get what they leave (0: no objective-aware batching)")]
+PrefixCachingOption = Annotated[bool, typer.Option(help="Reuse cached KV of shared prompt prefixes")]
+ThreadsOption = Annotated[int | None, typer.Option(min=1, help="CPU threads for torch [default: all]")]
 
 
-def load_engine(console: Console, model: str | None, device: str = "auto", dtype: str = "auto",
-                kv_cache_gib: float = _DEFAULTS.kv_cache_gib) -> BuiltinEngine:
+def engine_config(model: str | None, device: str = "auto", dtype: str = "auto",
+                  kv_cache_gib: float = _DEFAULTS.kv_cache_gib, max_running: int = _DEFAULTS.max_running,
+                  latency_step_tokens: int = _DEFAULTS.latency_step_tokens or 0,
+                  prefix_caching: bool = True) -> BuiltinEngineConfig:
+    return BuiltinEngineConfig(
+        model=model, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, max_running=max_running,
+        latency_step_tokens=latency_step_tokens or None, prefix_caching=prefix_caching,
+    )
+
+
+def load_engine(console: Console, config: BuiltinEngineConfig, threads: int | None = None) -> BuiltinEngine:
     """Build the builtin engine behind a spinner; a bad model or option exits with a message."""
     from transformers.utils import logging as hf_logging
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()  # the spinner says it already
-    config = BuiltinEngineConfig(model=model, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib)
+    model = config.model
     with console.status(f"Loading {model or DEFAULT_MODEL} ..."):
         try:
             engine = BuiltinEngine(config)
@@ -53,22 +74,30 @@ def serve(
     model: ModelOption = None,
     device: DeviceOption = _DEFAULTS.device,
     dtype: DtypeOption = _DEFAULTS.dtype,
-    kv_cache_gib: Annotated[float, typer.Option(help="Memory for the KV cache, in GiB")] = (
-        _DEFAULTS.kv_cache_gib
-    ),
+    kv_cache_gib: KVCacheOption = _DEFAULTS.kv_cache_gib,
+    max_running: MaxRunningOption = _DEFAULTS.max_running,
+    latency_step_tokens: LatencyStepOption = _DEFAULTS.latency_step_tokens or 0,
+    prefix_caching: PrefixCachingOption = True,
+    threads: ThreadsOption = None,
+    local_engine: Annotated[bool, typer.Option(
+        help="Run an engine in this process; without one, requests wait for engine processes "
+             "(parrot engine --service URL)")] = True,
     demo: Annotated[bool, typer.Option(help="Once up, send one chat request to itself and "
                                             "print it")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
-    """Serve the OpenAI-compatible API (and /healthz, /metrics, /v1/engines) over HTTP."""
+    """Serve the native and OpenAI-compatible APIs (and /healthz, /metrics, /v1/engines) over HTTP."""
     import uvicorn
 
     from parrot.service.app import create_app
 
     console = Console(stderr=True)
-    engine = load_engine(console, model, device, dtype, kv_cache_gib)
-    config = uvicorn.Config(create_app(engine), host=host, port=port, log_level=log_level)
-    server = uvicorn.Server(config)
+    engines = []
+    if local_engine:
+        config = engine_config(model, device, dtype, kv_cache_gib, max_running, latency_step_tokens,
+                               prefix_caching)
+        engines.append(load_engine(console, config, threads))
+    server = uvicorn.Server(uvicorn.Config(create_app(engines), host=host, port=port, log_level=log_level))
 
     async def run() -> None:
         serving = asyncio.create_task(server.serve())
@@ -123,6 +152,45 @@ async def run_demo(base_url: str, console: Console, prompt: str = DEMO_PROMPT,
     return answer
 
 
+@app.command("engine")
+def engine_process(
+    service: Annotated[str, typer.Option(help="The Parrot service to register with, e.g. "
+                                              "http://127.0.0.1:8000")],
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port)")] = 0,
+    advertise_url: Annotated[str | None, typer.Option(
+        help="URL the service reaches this engine at [default: http://HOST:PORT]")] = None,
+    model: ModelOption = None,
+    device: DeviceOption = _DEFAULTS.device,
+    dtype: DtypeOption = _DEFAULTS.dtype,
+    kv_cache_gib: KVCacheOption = _DEFAULTS.kv_cache_gib,
+    max_running: MaxRunningOption = _DEFAULTS.max_running,
+    latency_step_tokens: LatencyStepOption = _DEFAULTS.latency_step_tokens or 0,
+    prefix_caching: PrefixCachingOption = True,
+    threads: ThreadsOption = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
+) -> None:
+    """Run an engine process that registers with a Parrot service and heartbeats its load."""
+    import socket
+
+    import uvicorn
+
+    from parrot.service.worker import create_worker_app
+
+    console = Console(stderr=True)
+    config = engine_config(model, device, dtype, kv_cache_gib, max_running, latency_step_tokens,
+                           prefix_caching)
+    loaded = load_engine(console, config, threads)
+    if port == 0:
+        with socket.socket() as sock:  # a free port now; the tiny race is acceptable for a CLI
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    url = advertise_url or f"http://{_connect_host(host)}:{port}"
+    app = create_worker_app(loaded, service_url=service, advertise_url=url)
+    console.print(f"Engine listening on {url}, registering with {service}")
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt (a user message with --chat)")],
@@ -138,7 +206,7 @@ def generate(
     from parrot.service.engine.base import GenerateRequest, InvalidRequestError, SamplingParams
 
     console = Console(stderr=True)
-    engine = load_engine(console, model, device, dtype)
+    engine = load_engine(console, engine_config(model, device, dtype))
 
     async def run() -> None:
         ids = (engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat

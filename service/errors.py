@@ -92,6 +92,14 @@ class EngineFailedError(ParrotAPIError):
     code = "engine_error"
 
 
+class ServiceUnavailableError(ParrotAPIError):
+    """No engine can take the request right now (none registered yet, or all gone)."""
+
+    status_code = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
 def error_response(info: ErrorInfo, status_code: int) -> JSONResponse:
     return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status_code)
 

@@ -2,7 +2,7 @@
 
 Each app owns its ``CollectorRegistry`` (never the process-global one), so two apps
 in one process (tests, embedded mode) keep separate counts. Engine load is read
-once per scrape, straight from ``engine.load()``.
+once per scrape from every engine's ``load()``, labelled with the engine's id.
 """
 
 from __future__ import annotations
@@ -14,30 +14,35 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from parrot.service.engine.base import Engine, GenerateOutput
+from parrot.service.cluster.registry import EngineRegistry
+from parrot.service.engine.base import GenerateOutput
 
 
 class _EngineLoadCollector(Collector):
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engines: EngineRegistry) -> None:
+        self.engines = engines
 
     def collect(self) -> Iterator[Metric]:
-        load = self.engine.load()
-        for name, doc, value in (
-            ("parrot_num_requests_running", "Requests the engine is running.", load.num_running),
-            ("parrot_num_requests_waiting", "Requests waiting in the engine.", load.num_waiting),
+        handles = self.engines.engines()
+        loads = [(h.id, h.engine.load()) for h in handles]
+        for name, doc, field in (
+            ("parrot_num_requests_running", "Requests the engine is running.", "num_running"),
+            ("parrot_num_requests_waiting", "Requests waiting in the engine.", "num_waiting"),
             ("parrot_kv_tokens_used", "KV cache slots in use (cached prefixes included).",
-             load.kv_tokens_used),
-            ("parrot_kv_tokens_total", "KV cache slots in all.", load.kv_tokens_total),
-            ("parrot_prefix_cache_tokens", "Tokens held by the prefix cache.", load.cached_tokens),
+             "kv_tokens_used"),
+            ("parrot_kv_tokens_total", "KV cache slots in all.", "kv_tokens_total"),
+            ("parrot_prefix_cache_tokens", "Tokens held by the prefix cache.", "cached_tokens"),
         ):
-            yield GaugeMetricFamily(name, doc, value=value)
+            family = GaugeMetricFamily(name, doc, labels=["engine"])
+            for engine_id, load in loads:
+                family.add_metric([engine_id], getattr(load, field))
+            yield family
 
 
 class ServiceMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engines: EngineRegistry) -> None:
         self.registry = registry = CollectorRegistry()
         self.http_requests = Counter(
             "parrot_http_requests", "HTTP requests answered.", ["method", "route", "status"],
@@ -57,7 +62,7 @@ class ServiceMetrics:
         self.generation_tokens = Counter(
             "parrot_generation_tokens", "Tokens generated.", registry=registry
         )
-        registry.register(_EngineLoadCollector(engine))
+        registry.register(_EngineLoadCollector(engines))
 
     def record_finished(self, endpoint: str, out: GenerateOutput) -> None:
         reason = "error" if out.error else (out.finish_reason or "unknown")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import socket
 import threading
 import time
@@ -59,11 +60,16 @@ def tiny_engine_factory(tokenizer):
 
 @contextmanager
 def serve_in_thread(app) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a background thread; yield its base URL."""
+    """Run ``app`` under uvicorn in a background thread; yield its base URL.
+
+    ``app`` may also be a function of the base URL that returns the app (an app that
+    must know its own address, like an engine process registering with a service)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port meanwhile
     port = sock.getsockname()[1]
+    if inspect.isfunction(app):
+        app = app(f"http://127.0.0.1:{port}")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

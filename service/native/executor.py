@@ -1,11 +1,15 @@
-"""Runs a session's LLM calls on the engine as soon as their inputs are set.
+"""Runs a session's LLM calls on the engines as soon as their inputs are set.
 
 A call's prompt is built segment by segment: static text, then input values as
 the token ids their producer generated (so a dependent call's prompt extends its
 parent's KV in the radix cache), then for each output one generation whose tokens
 become part of the context for the rest of the template: fill → generate → fill →
 generate in one KV sequence. Outputs flow into dependents with no client round trip.
-A failed call fails its dependents with the cause; nothing is left hanging.
+
+The global scheduler picks the engine once the prompt is known. If that engine
+dies mid-generation, the call resumes on another engine from the tokens already
+generated, so nothing is lost. A failed call fails its dependents with the cause;
+nothing is left hanging.
 """
 
 from __future__ import annotations
@@ -15,19 +19,27 @@ import contextlib
 import itertools
 import logging
 import time
+from dataclasses import dataclass, field
 
 from parrot.schemas import InputSegment, OutputSegment, SamplingConfig, TextSegment
+from parrot.service.cluster.placement import GlobalScheduler
+from parrot.service.cluster.registry import EngineHandle, EngineRegistry
 from parrot.service.engine.base import Engine, GenerateRequest, SamplingParams
+from parrot.service.engine.remote import EngineUnavailableError
 from parrot.service.native.graph import Call, Variable
 from parrot.service.native.objectives import objective_of
+from parrot.service.native.pins import PrefixPins
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_ENGINE_WAIT_S = 30.0
 
-def sampling_params(config: SamplingConfig) -> SamplingParams:
+
+def sampling_params(config: SamplingConfig, max_new_tokens: int | None = None) -> SamplingParams:
     return SamplingParams(
-        max_new_tokens=config.max_tokens, temperature=config.temperature, top_p=config.top_p,
-        top_k=config.top_k, seed=config.seed, stop=tuple(config.stop), ignore_eos=config.ignore_eos,
+        max_new_tokens=config.max_tokens if max_new_tokens is None else max_new_tokens,
+        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=config.seed,
+        stop=tuple(config.stop), ignore_eos=config.ignore_eos,
     )
 
 
@@ -35,13 +47,30 @@ class CallFailed(Exception):
     pass
 
 
+@dataclass
+class _Progress:
+    """One output generated so far (kept across a move to another engine)."""
+
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+
+
 class Executor:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, registry: EngineRegistry, scheduler: GlobalScheduler, *,
+                 engine_wait_s: float = DEFAULT_ENGINE_WAIT_S) -> None:
+        self.registry = registry
+        self.scheduler = scheduler
+        self.engine_wait_s = engine_wait_s  # how long a ready call waits for an engine to exist
+        self.pins = PrefixPins()
         self._ids = itertools.count()
 
     # ---- graph events -----------------------------------------------------------
     def calls_added(self, calls: list[Call]) -> None:
+        handles = self.registry.engines(self.registry.default_model)
+        if handles:
+            for call in calls:
+                if call.kind == "llm":
+                    self.pins.add_pending(call, self._static_prefix(handles[0].engine, call))
         for call in calls:
             self.maybe_launch(call)
 
@@ -66,6 +95,7 @@ class Executor:
         if not all(v.ready for v in call.inputs):
             return
         call.state, call.started = "running", time.time()
+        self.scheduler.group_done(call.id)  # every member of the group it consumes is done
         if call.kind == "llm":  # native calls run in the client, which sets their outputs
             call.task = asyncio.get_running_loop().create_task(self._run(call))
 
@@ -75,12 +105,14 @@ class Executor:
         if call.task is not None:
             call.task.cancel()
         call.state, call.error, call.finished = "cancelled", reason, time.time()
+        self.pins.resolved(call)
         for var in call.outputs:
             var.fail(reason)
 
     async def reprioritize(self, call: Call) -> None:
-        if call.request_id is not None:
-            await self.engine.set_priority(call.request_id, call.priority, objective_of(call.criterion))
+        handle = self.registry.handles.get(call.engine_id or "")
+        if call.request_id is not None and handle is not None:
+            await handle.engine.set_priority(call.request_id, call.priority, objective_of(call.criterion))
 
     # ---- running a call ------------------------------------------------------------
     async def _run(self, call: Call) -> None:
@@ -95,64 +127,114 @@ class Executor:
             call.state, call.finished = "done", time.time()
         finally:
             call.request_id = None
+            self.pins.resolved(call)
+
+    async def _engines(self) -> list[EngineHandle]:
+        handles = await self.registry.wait_for_engines(self.registry.default_model, self.engine_wait_s)
+        if not handles:
+            raise CallFailed(f"no engine became available within {self.engine_wait_s:g} s")
+        return handles
+
+    def _static_prefix(self, engine: Engine, call: Call) -> list[int]:
+        """The prompt tokens known before any input is: the leading static text."""
+        tokens = list(engine.prompt_prefix_ids)
+        for segment in call.segments:
+            if not isinstance(segment, TextSegment):
+                break
+            tokens += engine.encode(segment.text)  # segment by segment, as the prompt is built
+        return tokens
 
     async def _generate(self, call: Call) -> None:
-        engine = self.engine
-        context = list(engine.prompt_prefix_ids)
-        first = True
+        tokenizer = (await self._engines())[0].engine  # engines of one model share a tokenizer
+        context = list(tokenizer.prompt_prefix_ids)
+        handle: EngineHandle | None = None
         for segment in call.segments:
             if isinstance(segment, TextSegment):
-                context += engine.encode(segment.text)
+                context += tokenizer.encode(segment.text)
             elif isinstance(segment, InputSegment):
                 var = next(v for v in call.inputs if v.id == segment.var)
-                context += var.token_ids if var.token_ids is not None else engine.encode(var.value or "")
+                context += var.token_ids if var.token_ids is not None else tokenizer.encode(var.value or "")
             elif isinstance(segment, OutputSegment):
                 var = next(v for v in call.outputs if v.id == segment.var)
-                text, ids = await self._fill(call, context, var, segment.sampling, first)
-                first = False
+                if handle is None:
+                    handle = await self._place(call, context)
+                text, ids, handle = await self._fill(call, handle, context, var, segment.sampling)
                 var.set(text, ids)
                 self.variable_settled(var)
                 context += ids
 
-    async def _fill(self, call: Call, context: list[int], var: Variable, sampling: SamplingConfig,
-                    first: bool) -> tuple[str, list[int]]:
-        """Generate one output from ``context``; return its text and the ids that spell it."""
+    async def _place(self, call: Call, context: list[int]) -> EngineHandle:
+        handle = self.scheduler.place(await self._engines(), context, objective_of(call.criterion),
+                                      call.group)
+        call.engine_id = handle.id
+        await self.pins.placed(handle, context)
+        return handle
+
+    async def _fill(self, call: Call, handle: EngineHandle, context: list[int], var: Variable,
+                    sampling: SamplingConfig) -> tuple[str, list[int], EngineHandle]:
+        """Generate one output from ``context``; return its text, the ids that spell it, and the
+        engine that finished it (another one if the first died on the way)."""
+        out = _Progress()
+        while True:
+            try:
+                await self._generate_on(call, handle, context, var, sampling, out)
+                return out.text, self._ids_spelling(handle.engine, out.ids, out.text), handle
+            except EngineUnavailableError as exc:
+                logger.warning("call %s lost engine %s (%s); resuming elsewhere", call.id, handle.id, exc)
+                await self.registry.remove(handle.id, str(exc))
+                handle = await self._place(call, context + out.ids)
+
+    async def _generate_on(self, call: Call, handle: EngineHandle, context: list[int], var: Variable,
+                           sampling: SamplingConfig, progress: _Progress) -> None:
+        """Run one output on ``handle``, or resume it from what ``progress`` got elsewhere."""
+        engine = handle.engine
+        if progress.ids:  # text held back for a possible stop string is complete now
+            tail = engine.decode(progress.ids)[len(progress.text):]
+            progress.text += tail
+            var.push(tail)
+        left = sampling.max_tokens - len(progress.ids)
+        if left <= 0:
+            return
+        objective = objective_of(call.criterion)
         request = GenerateRequest(
             request_id=f"call-{call.id}-{next(self._ids)}",
-            prompt_token_ids=list(context),
-            sampling=sampling_params(sampling),
-            objective=objective_of(call.criterion),  # type: ignore[arg-type]
+            prompt_token_ids=context + progress.ids,
+            sampling=sampling_params(sampling, left),
+            objective=objective,  # type: ignore[arg-type]
             priority=call.priority,
             group_id=call.group,
         )
         call.request_id = request.request_id
-        text, ids, last = "", [], None
-        async with contextlib.aclosing(self.engine.generate(request)) as stream:
-            async for out in stream:
-                if out.error:
-                    raise CallFailed(out.error)
-                text += out.text
-                ids += out.token_ids
-                if out.text:
-                    var.push(out.text)
-                last = out
+        last = None
+        with self.scheduler.running(handle, objective, request.prompt_token_ids):
+            async with contextlib.aclosing(engine.generate(request)) as stream:
+                async for out in stream:
+                    if out.error:
+                        raise CallFailed(out.error)
+                    progress.text += out.text
+                    progress.ids += out.token_ids
+                    if out.text:
+                        var.push(out.text)
+                    last = out
         if last is None or last.finish_reason == "abort":
             raise CallFailed("the generation was aborted")
-        if first:
+        if not call.prompt_tokens:
             call.prompt_tokens, call.cached_tokens = last.num_prompt_tokens, last.num_cached_tokens
-        return text, self._ids_spelling(ids, text)
+        self.scheduler.sent(handle, context + progress.ids)  # the output is cached there too
 
-    def _ids_spelling(self, ids: list[int], text: str) -> list[int]:
+    @staticmethod
+    def _ids_spelling(engine: Engine, ids: list[int], text: str) -> list[int]:
         # Reuse the generated ids (their KV is cached) unless a stop token or string cut the text.
         for candidate in (ids, ids[:-1]):
-            if candidate and self.engine.decode(candidate) == text:
+            if candidate and engine.decode(candidate) == text:
                 return candidate
-        return self.engine.encode(text)
+        return engine.encode(text)
 
     def _fail(self, call: Call, error: str) -> None:
         if call.is_terminal:
             return
         call.state, call.error, call.finished = "failed", error, time.time()
+        self.pins.resolved(call)
         logger.info("call %s failed: %s", call.id, error)
         for var in call.outputs:
             if not var.ready:

@@ -72,6 +72,7 @@ class Call:
     finished: float | None = None
     task: asyncio.Task | None = None
     request_id: str | None = None  # the engine request in flight, if any
+    engine_id: str | None = None  # the engine the call runs (or ran) on
     prompt_tokens: int = 0
     cached_tokens: int = 0
 

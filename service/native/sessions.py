@@ -156,5 +156,5 @@ def _call_info(c: Call) -> CallInfo:
         inputs=[v.id for v in c.inputs], outputs=[v.id for v in c.outputs],
         criterion=c.criterion, priority=c.priority, group=c.group, error=c.error,
         timings=CallTimings(created=c.created, started=c.started, finished=c.finished),
-        prompt_tokens=c.prompt_tokens, cached_tokens=c.cached_tokens,
+        prompt_tokens=c.prompt_tokens, cached_tokens=c.cached_tokens, engine=c.engine_id,
     )

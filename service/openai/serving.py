@@ -1,9 +1,10 @@
-"""Serve the OpenAI-compatible API on one engine: validate, build engine requests, shape responses.
+"""Serve the OpenAI-compatible API: validate, build engine requests, shape responses.
 
-The router hands over parsed protocol objects; this class checks what only the
-engine can tell (model name, context length), tokenizes, runs one engine request
-per prompt through a ``RequestGroup``, and returns either a response object or an
-``EventStream`` of server-sent events.
+The router hands over parsed protocol objects; this class picks an engine serving
+the requested model (the least loaded: these routes are request-centric, with no
+app knowledge), checks what only the engine can tell (context length), tokenizes,
+runs one engine request per prompt through a ``RequestGroup``, and returns either a
+response object or an ``EventStream`` of server-sent events.
 
 Defaults: a request without ``max_tokens`` gets the rest of the context window,
 capped at ``default_max_tokens`` (1024), so a forgotten limit cannot tie the engine
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from parrot.service.cluster.placement import GlobalScheduler
+from parrot.service.cluster.registry import EngineHandle, EngineRegistry
 from parrot.service.engine.base import (
     Engine,
     GenerateOutput,
@@ -25,11 +28,13 @@ from parrot.service.engine.base import (
     InvalidRequestError,
     SamplingParams,
 )
+from parrot.service.engine.remote import EngineUnavailableError
 from parrot.service.errors import (
     BadRequestError,
     ContextLengthExceededError,
     EngineFailedError,
     ModelNotFoundError,
+    ServiceUnavailableError,
 )
 from parrot.service.http_utils import SSE_DONE, EventStream, sse_event
 from parrot.service.metrics import ServiceMetrics
@@ -72,51 +77,65 @@ class _Choice:
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, *, metrics: ServiceMetrics | None = None,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
-        self.engine = engine
+    def __init__(self, engines: EngineRegistry, scheduler: GlobalScheduler, *,
+                 metrics: ServiceMetrics | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+        self.engines = engines
+        self.scheduler = scheduler
         self.metrics = metrics
         self.default_max_tokens = default_max_tokens
 
+    def _pick(self, model: str | None) -> EngineHandle:
+        """The least loaded engine serving ``model`` (the first model served when None)."""
+        served = self.engines.models()
+        if not served:
+            raise ServiceUnavailableError("no engine is available yet; try again shortly")
+        if model is not None and model not in served:
+            raise ModelNotFoundError(
+                f"the model {model!r} does not exist; this server serves {', '.join(map(repr, served))}",
+                param="model",
+            )
+        return self.scheduler.least_loaded(self.engines.engines(model or served[0]))
+
     # ---- /v1/models -----------------------------------------------------------------
-    def _model_card(self) -> ModelCard:
-        return ModelCard(id=self.engine.model_name, max_model_len=self.engine.max_context_len)
+    def _model_card(self, model: str) -> ModelCard:
+        engine = self.engines.engines(model)[0].engine
+        return ModelCard(id=model, max_model_len=engine.max_context_len)
 
     def list_models(self) -> ModelList:
-        return ModelList(data=[self._model_card()])
+        return ModelList(data=[self._model_card(m) for m in self.engines.models()])
 
     def get_model(self, model: str) -> ModelCard:
-        self._check_model(model)
-        return self._model_card()
+        return self._model_card(self._pick(model).model)
 
     # ---- /v1/completions --------------------------------------------------------------
     async def create_completion(
         self, request: CompletionRequest
     ) -> CompletionResponse | EventStream:
-        self._check_model(request.model)
-        prompts = self._completion_prompts(request)
+        handle = self._pick(request.model)
+        prompts = self._completion_prompts(handle.engine, request)
         response_id = f"cmpl-{uuid.uuid4().hex}"
-        group = await self._start(response_id, prompts, request, COMPLETIONS, param="prompt")
+        group = await self._start(handle, response_id, prompts, request, COMPLETIONS, param="prompt")
         if request.stream:
             events = self._completion_events(group, response_id, request.include_usage)
             return self._event_stream(events, group, COMPLETIONS)
         choices = await self._collect(group, COMPLETIONS)
         return CompletionResponse(
-            id=response_id, model=self.engine.model_name, usage=_usage(choices),
+            id=response_id, model=group.model, usage=_usage(choices),
             choices=[CompletionChoice(index=i, text=c.text, finish_reason=_finish_reason(c.final))
                      for i, c in enumerate(choices)],
         )
 
-    def _completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
+    @staticmethod
+    def _completion_prompts(engine: Engine, request: CompletionRequest) -> list[list[int]]:
         prompt = request.prompt
         # One prompt (text or token ids) or a list of them; the schema checked the shapes.
         prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
-        return [self.engine.encode(p) if isinstance(p, str) else list(p)  # type: ignore[arg-type]
+        return [engine.encode(p) if isinstance(p, str) else list(p)  # type: ignore[arg-type]
                 for p in prompts]
 
-    async def _completion_events(self, group: RequestGroup, response_id: str,
+    async def _completion_events(self, group: _Served, response_id: str,
                                  include_usage: bool) -> AsyncIterator[str]:
-        model = self.engine.model_name
+        model = group.model
         choices = [_Choice() for _ in range(len(group))]
         async for index, out in group.outputs():
             self._observe(choices[index], out, COMPLETIONS)
@@ -138,35 +157,36 @@ class OpenAIServing:
     async def create_chat_completion(
         self, request: ChatCompletionRequest
     ) -> ChatCompletionResponse | EventStream:
-        self._check_model(request.model)
-        prompt = self._chat_prompt(request)
+        handle = self._pick(request.model)
+        prompt = self._chat_prompt(handle.engine, request)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        group = await self._start(response_id, [prompt], request, CHAT, param="messages",
+        group = await self._start(handle, response_id, [prompt], request, CHAT, param="messages",
                                   max_tokens=request.max_output_tokens)
         if request.stream:
             events = self._chat_events(group, response_id, request.include_usage)
             return self._event_stream(events, group, CHAT)
         choices = await self._collect(group, CHAT)
         return ChatCompletionResponse(
-            id=response_id, model=self.engine.model_name, usage=_usage(choices),
+            id=response_id, model=group.model, usage=_usage(choices),
             choices=[ChatCompletionChoice(index=i, message=ChatResponseMessage(content=c.text),
                                           finish_reason=_finish_reason(c.final))
                      for i, c in enumerate(choices)],
         )
 
-    def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+    @staticmethod
+    def _chat_prompt(engine: Engine, request: ChatCompletionRequest) -> list[int]:
         messages = [m.to_template_dict() for m in request.messages]
         try:
-            return self.engine.apply_chat_template(messages)
+            return engine.apply_chat_template(messages)
         except InvalidRequestError:  # e.g. the model has no chat template
             raise
         except Exception as exc:  # a template that raises (e.g. roles must alternate)
             raise BadRequestError(f"the chat template rejected these messages: {exc}",
                                   param="messages") from exc
 
-    async def _chat_events(self, group: RequestGroup, response_id: str,
+    async def _chat_events(self, group: _Served, response_id: str,
                            include_usage: bool) -> AsyncIterator[str]:
-        model = self.engine.model_name
+        model = group.model
 
         def chunk(index: int, delta: DeltaMessage, finish_reason=None) -> str:
             choice = ChatCompletionStreamChoice(index=index, delta=delta,
@@ -193,16 +213,9 @@ class OpenAIServing:
         yield SSE_DONE
 
     # ---- shared -----------------------------------------------------------------------
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.engine.model_name:
-            raise ModelNotFoundError(
-                f"the model {model!r} does not exist; this server serves "
-                f"{self.engine.model_name!r}",
-                param="model",
-            )
-
-    def _max_new_tokens(self, prompt_len: int, max_tokens: int | None, param: str) -> int:
-        limit = self.engine.max_context_len
+    def _max_new_tokens(self, engine: Engine, prompt_len: int, max_tokens: int | None,
+                        param: str) -> int:
+        limit = engine.max_context_len
         if prompt_len >= limit:
             raise ContextLengthExceededError(
                 f"the prompt has {prompt_len} tokens, but the model's context length is {limit} "
@@ -233,19 +246,28 @@ class OpenAIServing:
         except ValidationError as exc:
             raise BadRequestError(f"invalid sampling parameters: {exc}") from exc
 
-    async def _start(self, response_id: str, prompts: list[list[int]], request: SamplingRequest,
-                     endpoint: str, *, param: str, max_tokens: int | None = None) -> RequestGroup:
+    async def _start(self, handle: EngineHandle, response_id: str, prompts: list[list[int]],
+                     request: SamplingRequest, endpoint: str, *, param: str,
+                     max_tokens: int | None = None) -> _Served:
         """Start one engine request per prompt; fail (4xx/5xx) before any response byte if
         the engine rejects a prompt or fails at once."""
         if max_tokens is None:
             max_tokens = request.max_tokens
         requests = []
         for i, prompt in enumerate(prompts):
-            max_new_tokens = self._max_new_tokens(len(prompt), max_tokens, param)
+            max_new_tokens = self._max_new_tokens(handle.engine, len(prompt), max_tokens, param)
             sampling = self._sampling(request, max_new_tokens)
             requests.append(GenerateRequest(f"{response_id}-{i}", prompt, sampling))
-        group = RequestGroup(self.engine, requests)
-        failed = [out for out in await group.start() if out.error]
+        group = _Served(handle, requests)
+        for r in requests:
+            self.scheduler.begin(handle, r.objective, r.prompt_token_ids)
+        try:
+            firsts = await group.start()
+        except EngineUnavailableError:
+            await self._close(group, endpoint)
+            await self.engines.remove(handle.id, "its connection failed")
+            raise
+        failed = [out for out in firsts if out.error]
         if failed:
             for out in failed:
                 self._record(endpoint, out)
@@ -253,7 +275,7 @@ class OpenAIServing:
             raise EngineFailedError(f"the engine failed: {failed[0].error}")
         return group
 
-    async def _collect(self, group: RequestGroup, endpoint: str) -> list[_Choice]:
+    async def _collect(self, group: _Served, endpoint: str) -> list[_Choice]:
         choices = [_Choice() for _ in range(len(group))]
         try:
             async for index, out in group.outputs():
@@ -274,15 +296,29 @@ class OpenAIServing:
         if self.metrics is not None:
             self.metrics.record_finished(endpoint, out)
 
-    async def _close(self, group: RequestGroup, endpoint: str) -> None:
+    async def _close(self, group: _Served, endpoint: str) -> None:
+        if group.counted:
+            group.counted = False
+            for r in group.requests:
+                self.scheduler.end(group.handle, r.objective)
         unfinished = group.num_unfinished
         await group.aclose()
         if self.metrics is not None:
             self.metrics.record_aborted(endpoint, unfinished)
 
-    def _event_stream(self, events: AsyncIterator[str], group: RequestGroup,
+    def _event_stream(self, events: AsyncIterator[str], group: _Served,
                       endpoint: str) -> EventStream:
         return EventStream(events, on_close=lambda: self._close(group, endpoint))
+
+
+class _Served(RequestGroup):
+    """The engine requests of one API request, on the engine that serves them."""
+
+    def __init__(self, handle: EngineHandle, requests: list[GenerateRequest]) -> None:
+        super().__init__(handle.engine, requests)
+        self.handle = handle
+        self.model = handle.model
+        self.counted = True  # in the scheduler's in-flight count until closed
 
 
 def _finish_reason(out: GenerateOutput | None):

@@ -48,8 +48,11 @@ def test_metrics_count_requests_and_tokens(live_server, metric):
                   status="400") == 1
     assert metric(text, "parrot_http_requests_total", method="POST", route="/v1/completions",
                   status="200") == 1
-    assert metric(text, "parrot_num_requests_running") == 0
-    assert metric(text, "parrot_kv_tokens_total") == live_server.engine.load().kv_tokens_total
+    [engine_id] = [e["id"] for e in live_server.http().get("/v1/engines").json()["data"]]
+    assert metric(text, "parrot_num_requests_running", engine=engine_id) == 0
+    assert metric(text, "parrot_kv_tokens_total", engine=engine_id) == (
+        live_server.engine.load().kv_tokens_total
+    )
 
 
 def test_each_app_has_its_own_registry(live_server_factory, metric):

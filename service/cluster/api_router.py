@@ -1,0 +1,65 @@
+"""HTTP routes of the engine registry: list engines; engine processes register and heartbeat."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from fastapi import APIRouter, Request
+
+from parrot.service.cluster.placement import GlobalScheduler
+from parrot.service.cluster.registry import EngineHandle, EngineRegistry
+from parrot.service.engine.remote_protocol import EngineRegistration, LoadInfo, Registered
+
+router = APIRouter(prefix="/v1/engines", tags=["engines"])
+
+
+def _registry(request: Request) -> EngineRegistry:
+    return request.app.state.registry
+
+
+def engine_kind(handle: EngineHandle) -> str:
+    """``BuiltinEngine`` -> ``"builtin"``, ``RemoteEngine`` -> ``"remote"``."""
+    name = type(handle.engine).__name__
+    return name.removesuffix("Engine").lower() or name
+
+
+def engine_info(handle: EngineHandle, scheduler: GlobalScheduler) -> dict:
+    stats = scheduler.stats.get(handle.id)
+    return {
+        "id": handle.id,
+        "name": engine_kind(handle),
+        "kind": handle.kind,
+        "url": handle.url,
+        "model": handle.model,
+        "max_context_len": handle.engine.max_context_len,
+        "load": asdict(handle.engine.load()),
+        "in_flight": {"latency": stats.latency, "throughput": stats.throughput} if stats else
+                     {"latency": 0, "throughput": 0},
+    }
+
+
+@router.get("")
+async def list_engines(request: Request) -> dict:
+    scheduler: GlobalScheduler = request.app.state.scheduler
+    return {"object": "list", "data": [engine_info(h, scheduler) for h in _registry(request).engines()]}
+
+
+@router.post("")
+async def register_engine(request: Request, body: EngineRegistration) -> Registered:
+    registry = _registry(request)
+    handle = await registry.register_remote(body)
+    return Registered(id=handle.id, heartbeat_interval_s=registry.heartbeat_interval_s)
+
+
+@router.post("/{engine_id}/heartbeat")
+async def heartbeat(request: Request, engine_id: str, body: LoadInfo) -> dict:
+    _registry(request).heartbeat(engine_id, body)
+    return {"ok": True}
+
+
+@router.delete("/{engine_id}")
+async def deregister_engine(request: Request, engine_id: str) -> dict:
+    registry = _registry(request)
+    registry.get(engine_id)  # 404 when unknown
+    await registry.remove(engine_id, "it left")
+    return {"id": engine_id, "deleted": True}

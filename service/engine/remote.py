@@ -1,0 +1,154 @@
+"""An engine in another process (``parrot engine``), reached over HTTP.
+
+The service tokenizes locally with the engine's own tokenizer (fetched once from
+``/info``), so prompts are built from token ids exactly as for an in-process engine.
+Any transport failure becomes ``EngineUnavailableError``: the caller may re-run the
+work elsewhere, and the registry drops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from parrot.service.engine.base import (
+    Engine,
+    EngineError,
+    GenerateOutput,
+    GenerateRequest,
+    InvalidRequestError,
+    Load,
+    Objective,
+)
+from parrot.service.engine.remote_protocol import (
+    EngineInfo,
+    GenerateBody,
+    LoadInfo,
+    PinBody,
+    PinRef,
+    PriorityBody,
+    RequestRef,
+)
+from parrot.service.engine.tokenization import HFTokenization
+
+
+class EngineUnavailableError(EngineError):
+    """The engine cannot be reached (its process died, or the network failed)."""
+
+
+def load_tokenizer_files(files: dict[str, str]) -> Any:
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="parrot-tokenizer-") as tmp:
+        for name, content in files.items():
+            target = Path(tmp) / Path(name).name  # never a path outside tmp
+            target.write_bytes(base64.b64decode(content))
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+class RemoteEngine(HFTokenization, Engine):
+    def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(connect_timeout_s, read=None)
+        )
+        self._load = Load(0, 0, 0, 0, 0)
+        self._prefix_ids: list[int] = []
+        self.model_name = ""
+        self.max_context_len = 0
+        self.tokenizer: Any = None
+        self.closed = False
+
+    async def start(self) -> None:
+        """Fetch the engine's model, limits and tokenizer."""
+        info = EngineInfo.model_validate((await self._post_or_get("GET", "/info")).json())
+        self.model_name, self.max_context_len = info.model, info.max_context_len
+        self._prefix_ids = info.prompt_prefix_ids
+        self.tokenizer = await asyncio.to_thread(load_tokenizer_files, info.tokenizer_files)
+
+    async def shutdown(self) -> None:
+        """Close the connection; streams still open fail with ``EngineUnavailableError``."""
+        self.closed = True
+        await self._client.aclose()
+
+    @property
+    def prompt_prefix_ids(self) -> list[int]:
+        return list(self._prefix_ids)
+
+    def load(self) -> Load:
+        return self._load
+
+    def update_load(self, load: LoadInfo) -> None:
+        self._load = Load(**load.model_dump())
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        body = GenerateBody(
+            rid=request.request_id, input_ids=request.prompt_token_ids, sampling_params=request.sampling,
+            objective=request.objective, priority=request.priority, group_id=request.group_id,
+        )
+        finished = False
+        try:
+            async with self._client.stream("POST", "/generate", content=body.model_dump_json(),
+                                           headers={"content-type": "application/json"}) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise _http_error(resp)
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    out = GenerateOutput(**json.loads(line[len("data: "):]))
+                    finished = out.finished
+                    yield out
+        except (httpx.TransportError, RuntimeError) as exc:  # RuntimeError: the client was closed
+            raise EngineUnavailableError(f"engine at {self.url} is unreachable: {exc}") from exc
+        if not finished:
+            raise EngineUnavailableError(f"engine at {self.url} ended a request without finishing it")
+
+    async def abort(self, request_id: str) -> None:
+        await self._quiet_post("/abort", RequestRef(rid=request_id).model_dump())
+
+    async def set_priority(self, request_id: str, priority: int, objective: Objective) -> None:
+        await self._quiet_post(
+            "/priority", PriorityBody(rid=request_id, priority=priority, objective=objective).model_dump()
+        )
+
+    async def pin_prefix(self, pin_id: str, token_ids: list[int]) -> None:
+        await self._quiet_post("/pin_prefix", PinBody(pin_id=pin_id, input_ids=token_ids).model_dump())
+
+    async def unpin_prefix(self, pin_id: str) -> None:
+        await self._quiet_post("/unpin_prefix", PinRef(pin_id=pin_id).model_dump())
+
+    async def _quiet_post(self, path: str, body: dict) -> None:
+        # Hints and aborts: an engine that is gone has nothing left to abort or re-rank.
+        if self.closed:
+            return
+        try:
+            await self._client.post(path, json=body)
+        except (httpx.TransportError, RuntimeError):
+            pass
+
+    async def _post_or_get(self, method: str, path: str) -> httpx.Response:
+        try:
+            resp = await self._client.request(method, path)
+        except httpx.TransportError as exc:
+            raise EngineUnavailableError(f"engine at {self.url} is unreachable: {exc}") from exc
+        if resp.status_code != 200:
+            raise _http_error(resp)
+        return resp
+
+
+def _http_error(resp: httpx.Response) -> Exception:
+    try:
+        message = resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = resp.text or f"HTTP {resp.status_code}"
+    if 400 <= resp.status_code < 500:
+        return InvalidRequestError(message)
+    return EngineUnavailableError(f"engine failed with HTTP {resp.status_code}: {message}")

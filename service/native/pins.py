@@ -1,0 +1,66 @@
+"""Keep the prefixes that pending calls will need from eviction until those calls are placed.
+
+A pending call's prompt starts with static text known at submission. When another
+call is placed on an engine and its prompt shares at least ``min_tokens`` of that
+start, the shared part is pinned on that engine, so the cache still holds it when
+the pending call becomes ready (after its inputs, perhaps minutes later). The pin
+goes once every call that needed it has run (or failed, or was cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+
+from parrot.service.cluster.registry import EngineHandle
+from parrot.service.native.graph import Call
+
+MIN_PIN_TOKENS = 32
+
+
+def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PrefixPins:
+    def __init__(self, min_tokens: int = MIN_PIN_TOKENS) -> None:
+        self.min_tokens = min_tokens
+        self.pending: dict[tuple[int, ...], set[Call]] = {}  # static prompt start -> calls
+        self.pins: dict[str, tuple[EngineHandle, set[Call]]] = {}  # pin id -> (engine, waiting calls)
+        self._tasks: set[asyncio.Task] = set()
+
+    def add_pending(self, call: Call, prefix: list[int]) -> None:
+        if len(prefix) >= self.min_tokens:
+            self.pending.setdefault(tuple(prefix), set()).add(call)
+
+    async def placed(self, handle: EngineHandle, prompt: list[int]) -> None:
+        """A call with ``prompt`` went to ``handle``: pin what pending calls share with it."""
+        for prefix, calls in self.pending.items():
+            n = _common_len(prompt, prefix)
+            if n < self.min_tokens:
+                continue
+            digest = hashlib.blake2b(repr(prompt[:n]).encode(), digest_size=8).hexdigest()
+            pin_id = f"{handle.id}-{digest}"
+            if pin_id not in self.pins:
+                self.pins[pin_id] = (handle, set())
+                await handle.engine.pin_prefix(pin_id, prompt[:n])
+            self.pins[pin_id][1].update(calls)
+
+    def resolved(self, call: Call) -> None:
+        """``call`` no longer waits (it ran, failed or was cancelled): drop pins nobody needs."""
+        for prefix, calls in list(self.pending.items()):
+            calls.discard(call)
+            if not calls:
+                del self.pending[prefix]
+        for pin_id, (handle, waiting) in list(self.pins.items()):
+            waiting.discard(call)
+            if not waiting:
+                del self.pins[pin_id]
+                task = asyncio.ensure_future(handle.engine.unpin_prefix(pin_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
