@@ -89,6 +89,7 @@ class Load:
     kv_tokens_used: int
     kv_tokens_total: int
     cached_tokens: int  # tokens held by the prefix cache
+    num_latency: int = 0  # latency requests running or waiting
 
 
 class Engine(abc.ABC):
@@ -125,6 +126,16 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def decode(self, token_ids: list[int]) -> str:
         """Text of ``token_ids``, special tokens left out (as outputs are reported)."""
+
+    async def pin_prefix(self, pin_id: str, token_ids: list[int]) -> None:
+        """Keep the cached KV of this prefix from eviction until unpinned; a prefix not cached
+        yet is protected as soon as it is. Pinning a ``pin_id`` in use replaces that pin.
+        Engines without prefix control ignore it."""
+        return None
+
+    async def unpin_prefix(self, pin_id: str) -> None:
+        """Drop a pin (unknown ids are ignored); its prefix becomes evictable again."""
+        return None
 
     @property
     def prompt_prefix_ids(self) -> list[int]:

@@ -108,6 +108,88 @@ async def test_chunked_prefill_and_preemption_keep_outputs_exact(tiny_engine_fac
         await engine.shutdown()
 
 
+def add_request(engine, request_id, ids, n, objective):
+    """Queue a greedy request on the runner side (tests drive ``engine.step()`` themselves)."""
+    engine._add(GenerateRequest(request_id, list(ids), greedy(n), objective=objective))
+    return engine._requests[request_id]
+
+
+def test_latency_arrivals_pause_and_preempt_throughput_work_and_outputs_stay_exact(
+    tiny_engine_factory, tokenizer
+):
+    # Three throughput requests fill max_running; two latency requests arrive mid-decode:
+    # each preempts the newest throughput request, and their prompts (over the 8-token
+    # cap) pause the one left. Stepping by hand makes the interleaving deterministic.
+    engine, hf = tiny_engine_factory(max_running=3, latency_step_tokens=8)
+    background_ids = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    urgent_ids = [tokenizer.encode(p * 2) for p in (PROMPTS[0], PROMPTS[3])]
+    background = [
+        add_request(engine, f"bg{i}", ids, 24, "throughput") for i, ids in enumerate(background_ids)]
+    while any(r.num_output_tokens < 3 for r in background):
+        engine.step()
+    urgent = [add_request(engine, f"fast{i}", ids, 16, "latency") for i, ids in enumerate(urgent_ids)]
+    assert engine.load().num_latency == 2
+    while engine.scheduler.has_work:
+        engine.step()
+    assert [r.output_ids for r in background] == [hf_greedy(hf, ids, 24) for ids in background_ids]
+    assert [r.output_ids for r in urgent] == [hf_greedy(hf, ids, 16) for ids in urgent_ids]
+    assert engine.scheduler.num_preemptions >= 2 and engine.scheduler.num_paused > 0
+    assert engine.load().num_latency == 0
+    engine.cache.check_integrity()
+    assert engine.cache.locked_size == 0
+
+
+async def test_without_prefix_caching_no_compute_is_shared_and_outputs_stay_exact(
+    tiny_engine_factory, tokenizer
+):
+    # The pool's floor of 256 slots is too small for all four: preempted requests recompute.
+    engine, hf = tiny_engine_factory(prefix_caching=False, max_step_tokens=16,
+                                     kv_cache_gib=200 * 512 / 2**30)
+    prompts = [tokenizer.encode(p * 3) for p in PROMPTS]
+    expected = [hf_greedy(hf, ids, 40) for ids in prompts]
+    try:
+        for _ in range(2):  # the second round repeats every prompt
+            results = await asyncio.gather(*(run(engine, ids, greedy(40)) for ids in prompts))
+            assert [r[0] for r in results] == expected
+            assert [r[2].num_cached_tokens for r in results] == [0] * len(prompts)
+        assert engine.scheduler.num_preemptions > 0
+        assert engine.cache.total_size == 0
+        assert engine.allocator.num_free == engine.allocator.num_slots
+    finally:
+        await engine.shutdown()
+
+
+async def test_pinned_prefix_survives_eviction_pressure_until_unpinned(tiny_engine_factory, tokenizer):
+    engine, _ = tiny_engine_factory(kv_cache_gib=200 * 512 / 2**30)  # 256 slots
+    pinned = tokenizer.encode("You are a careful assistant. " * 4)
+    unpinned = tokenizer.encode("Translate to French: good morning. " * 4)
+    flood = [tokenizer.encode(f"Story {i}: " + PROMPTS[i % 4] * 6) for i in range(6)]
+
+    async def cached_len(ids):
+        return (await run(engine, ids, greedy(1)))[2].num_cached_tokens
+
+    async def flood_the_pool():
+        for ids in flood:  # ~400 tokens through a 256-slot pool: older entries get evicted
+            await run(engine, ids, greedy(2))
+
+    try:
+        await engine.pin_prefix("system", pinned)  # not cached yet: protected once computed
+        await cached_len(pinned)
+        await cached_len(unpinned)
+        await flood_the_pool()
+        assert await cached_len(pinned) == len(pinned) - 1
+        assert await cached_len(unpinned) < len(unpinned) - 1  # evicted
+        engine.cache.check_integrity()
+
+        await engine.unpin_prefix("system")
+        assert engine.cache.locked_size == 0
+        await flood_the_pool()
+        assert await cached_len(pinned) < len(pinned) - 1  # evictable again
+        engine.cache.check_integrity()
+    finally:
+        await engine.shutdown()
+
+
 async def test_stop_strings_stop_token_ids_and_length(tiny_engine_factory, tokenizer):
     engine, _ = tiny_engine_factory()
     ids = tokenizer.encode(PROMPTS[0])

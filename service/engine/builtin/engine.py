@@ -1,8 +1,8 @@
 """The builtin engine: an embedded continuous-batching runner behind the async Engine API.
 
 The model runs in its own thread, so the service's event loop never blocks on it.
-The loop and the thread talk through a command queue (add, abort) one way and
-``call_soon_threadsafe`` into each request's asyncio queue the other way.
+The loop and the thread talk through a command queue (add, abort, priority, pins)
+one way and ``call_soon_threadsafe`` into each request's asyncio queue the other way.
 """
 
 from __future__ import annotations
@@ -55,6 +55,12 @@ class BuiltinEngineConfig:
     # length. Measured on CPU (benchmarks/attention.py): it pays from about 450 on, for
     # groups of 2 to 32. None turns two-phase attention off.
     two_phase_min_saved_tokens: int | None = 448
+    # While latency requests run, throughput requests share this many tokens per step
+    # with them (see scheduler.py). None: objective-blind batching.
+    latency_step_tokens: int | None = 32
+    # False: no compute is shared between requests (no radix cache, no two-phase attention);
+    # for ablations, like vLLM without prefix caching.
+    prefix_caching: bool = True
 
 
 def _tune_cpu_allocator() -> None:
@@ -66,6 +72,11 @@ def _tune_cpu_allocator() -> None:
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():  # the waiter may have been cancelled
+        done.set_result(None)
 
 
 class BuiltinEngine(Engine):
@@ -104,8 +115,17 @@ class BuiltinEngine(Engine):
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator.free)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_running, config.max_step_tokens), self.allocator, self.cache
+            SchedulerConfig(
+                max_running=config.max_running,
+                max_step_tokens=config.max_step_tokens,
+                latency_step_tokens=config.latency_step_tokens,
+                prefix_caching=config.prefix_caching,
+            ),
+            self.allocator,
+            self.cache,
         )
+        # With no prefix caching no two requests share KV, so there is nothing to group.
+        self._two_phase_min_saved = config.two_phase_min_saved_tokens if config.prefix_caching else None
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._requests: dict[str, Request] = {}
@@ -193,15 +213,34 @@ class BuiltinEngine(Engine):
     async def set_priority(self, request_id: str, priority: int, objective: Objective) -> None:
         self._commands.put(("priority", (request_id, priority, objective)))
 
+    async def pin_prefix(self, pin_id: str, token_ids: list[int]) -> None:
+        await self._on_runner("pin", (pin_id, list(token_ids)))
+
+    async def unpin_prefix(self, pin_id: str) -> None:
+        await self._on_runner("unpin", pin_id)
+
+    async def _on_runner(self, kind: str, arg: object) -> None:
+        """Queue a command and wait until the runner thread has applied it."""
+        if self._thread is None:
+            await self.start()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._commands.put((kind, arg))
+        self._commands.put(("sync", (loop, done)))
+        await done
+
     @property
     def prompt_prefix_ids(self) -> list[int]:
         return list(self.tokenizer.encode("", add_special_tokens=True))
 
     def load(self) -> Load:
         sched = self.scheduler
+        # Copies: the runner thread changes these lists while the event loop reads them.
+        running, waiting = list(sched.running), list(sched.waiting)
         return Load(
-            num_running=len(sched.running),
-            num_waiting=len(sched.waiting),
+            num_running=len(running),
+            num_waiting=len(waiting),
+            num_latency=sum(r.objective == "latency" for r in running + waiting),
             kv_tokens_used=self.allocator.num_slots - self.allocator.num_free,
             kv_tokens_total=self.allocator.num_slots,
             cached_tokens=self.cache.total_size,
@@ -226,6 +265,16 @@ class BuiltinEngine(Engine):
                     self._abort(arg)
                 elif kind == "priority":
                     self._set_priority(*arg)
+                elif kind == "pin":
+                    self.scheduler.pin_prefix(*arg)
+                elif kind == "unpin":
+                    self.scheduler.unpin_prefix(arg)
+                elif kind == "sync":
+                    loop, done = arg
+                    try:
+                        loop.call_soon_threadsafe(_resolve, done)
+                    except RuntimeError:  # the waiter's loop is closed: nobody waits
+                        pass
             if self.scheduler.has_work:
                 try:
                     self.step()
@@ -310,7 +359,7 @@ class BuiltinEngine(Engine):
         if batch.is_empty:
             return
         forward, samplers = build_forward_batch(
-            batch, self.device, self.runner.dtype, self.config.two_phase_min_saved_tokens
+            batch, self.device, self.runner.dtype, self._two_phase_min_saved
         )
         logits = self.runner.forward(forward)
         self.scheduler.commit(batch)
