@@ -31,7 +31,8 @@ class PrefixPins:
     def __init__(self, min_tokens: int = MIN_PIN_TOKENS) -> None:
         self.min_tokens = min_tokens
         self.pending: dict[tuple[int, ...], set[Call]] = {}  # static prompt start -> calls
-        self.pins: dict[str, tuple[EngineHandle, set[Call]]] = {}  # pin id -> (engine, waiting calls)
+        # pin id -> (engine, calls waiting for the prefix, the pin request in flight or done)
+        self.pins: dict[str, tuple[EngineHandle, set[Call], asyncio.Future]] = {}
         self._tasks: set[asyncio.Task] = set()
 
     def add_pending(self, call: Call, prefix: list[int]) -> None:
@@ -40,16 +41,18 @@ class PrefixPins:
 
     async def placed(self, handle: EngineHandle, prompt: list[int]) -> None:
         """A call with ``prompt`` went to ``handle``: pin what pending calls share with it."""
-        for prefix, calls in self.pending.items():
+        for prefix, calls in list(self.pending.items()):  # a snapshot: awaits below let others in
             n = _common_len(prompt, prefix)
             if n < self.min_tokens:
                 continue
             digest = hashlib.blake2b(repr(prompt[:n]).encode(), digest_size=8).hexdigest()
             pin_id = f"{handle.id}-{digest}"
-            if pin_id not in self.pins:
-                self.pins[pin_id] = (handle, set())
-                await handle.engine.pin_prefix(pin_id, prompt[:n])
-            self.pins[pin_id][1].update(calls)
+            if pin_id in self.pins:
+                self.pins[pin_id][1].update(calls)
+                continue
+            pinned = asyncio.ensure_future(handle.engine.pin_prefix(pin_id, prompt[:n]))
+            self.pins[pin_id] = (handle, set(calls), pinned)
+            await asyncio.shield(pinned)
 
     def resolved(self, call: Call) -> None:
         """``call`` no longer waits (it ran, failed or was cancelled): drop pins nobody needs."""
@@ -57,10 +60,15 @@ class PrefixPins:
             calls.discard(call)
             if not calls:
                 del self.pending[prefix]
-        for pin_id, (handle, waiting) in list(self.pins.items()):
+        for pin_id, (handle, waiting, pinned) in list(self.pins.items()):
             waiting.discard(call)
             if not waiting:
                 del self.pins[pin_id]
-                task = asyncio.ensure_future(handle.engine.unpin_prefix(pin_id))
+                task = asyncio.ensure_future(self._unpin(handle, pin_id, pinned))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _unpin(handle: EngineHandle, pin_id: str, pinned: asyncio.Future) -> None:
+        await asyncio.wait([pinned])  # the engine must see the pin before its unpin
+        await handle.engine.unpin_prefix(pin_id)

@@ -1,0 +1,119 @@
+"""Chain summary: summarize a document chunk by chunk, each step extending the summary so far.
+
+Step 1 summarizes chunk 0; step i reads the summary so far and chunk i and writes the
+new summary. Parrot: all steps go to the service as one graph (each step's input is the
+previous step's output variable) and only the last summary is fetched, with P.LATENCY,
+so no step waits for a client round trip. Request-centric: the client sends the steps
+one by one, pasting each returned summary into the next prompt.
+
+    python -m benchmarks.chain_summary            # 6 chunks x 32 tokens
+    python -m benchmarks.chain_summary --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import parrot as P
+from benchmarks.harness import (
+    LATENCY_TUNED,
+    THROUGHPUT_TUNED,
+    Completions,
+    Row,
+    print_table,
+    run,
+    running_service,
+    text_chunk,
+    timed,
+)
+
+# Prompts the model continues as text: asked for an answer, this small instruct model first emits its
+# end-of-turn token, which the returned text drops but Parrot's summary variable keeps (its token ids).
+# Each summary goes on from "says that" and is pasted back after it, so both ways see the same tokens.
+FIRST = "A news report, first part: {chunk}\n\nSummary of the report so far: The report says that"
+NEXT = ("Summary of the report so far: The report says that{previous}\n\nThe report, next part: {chunk}\n\n"
+        "Summary of the report so far: The report says that")
+
+
+def _function(text: str, name: str, inputs: list[str], step_tokens: int) -> P.SemanticFunction:
+    """The semantic function of ``text`` (``{x}`` fields become inputs) ending in the summary."""
+    template = text
+    for x in inputs:
+        template = template.replace(f"{{{x}}}", f"{{{{input:{x}}}}}")
+    return P.SemanticFunction.from_template(
+        template + "{{output:summary}}", name=name, inputs=inputs,
+        outputs={"summary": P.Output(max_tokens=step_tokens, ignore_eos=True)})
+
+
+async def parrot_job(url: str, chunks: list[str], step_tokens: int) -> str:
+    first = _function(FIRST, "summarize_first", ["chunk"], step_tokens)
+    step = _function(NEXT, "summarize_next", ["previous", "chunk"], step_tokens)
+    async with P.Parrot(url):
+        summary = first(chunks[0])
+        for chunk in chunks[1:]:
+            summary = step(summary, chunk)
+        return await summary.aget(perf=P.LATENCY)
+
+
+async def request_centric_job(llm: Completions, chunks: list[str], step_tokens: int) -> str:
+    summary = await llm(FIRST.format(chunk=chunks[0]), step_tokens)
+    for chunk in chunks[1:]:
+        summary = await llm(NEXT.format(previous=summary, chunk=chunk), step_tokens)
+    return summary
+
+
+def chunks_for(n: int, sentences: int) -> list[str]:
+    return [text_chunk(i, sentences) for i in range(n)]
+
+
+async def _parrot(url: str, args) -> float:
+    seconds, _ = await timed(parrot_job(url, chunks_for(args.chunks, args.sentences), args.step_tokens))
+    return seconds
+
+
+async def _baseline(url: str, args) -> float:
+    llm = Completions(url)
+    try:
+        seconds, _ = await timed(request_centric_job(llm, chunks_for(args.chunks, args.sentences),
+                                                     args.step_tokens))
+    finally:
+        await llm.aclose()
+    return seconds
+
+
+def measure(args) -> list[Row]:
+    rows = []
+    for system, setup, fn in (("parrot", THROUGHPUT_TUNED, _parrot),
+                              ("throughput-tuned", THROUGHPUT_TUNED, _baseline),
+                              ("latency-tuned", LATENCY_TUNED, _baseline)):
+        with running_service(setup) as url:
+            rows.append(Row(system, run(fn(url, args))))
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunks", type=int, default=6)
+    parser.add_argument("--sentences", type=int, default=3, help="sentences per chunk (~13 tokens each)")
+    parser.add_argument("--step-tokens", type=int, default=32, help="tokens each step's summary has")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (3 chunks, 8 tokens)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.chunks, args.step_tokens = 3, 8
+    return args
+
+
+def report(rows: list[Row], args) -> None:
+    print_table(f"chain summary: {args.chunks} sequential steps x {args.step_tokens} tokens "
+                f"({args.sentences} sentences per chunk)", rows, "parrot")
+
+
+def main(argv=None) -> list[Row]:
+    args = parse_args(argv)
+    rows = measure(args)
+    report(rows, args)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

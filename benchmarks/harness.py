@@ -1,0 +1,200 @@
+"""Shared plumbing of the application benchmarks: start a service (and engine processes),
+run an app against it the Parrot way or the request-centric way, print a table of ratios.
+
+The request-centric way is how an app drives an OpenAI-compatible endpoint today
+(LangChain's LCEL): one HTTP call per LLM call, dependencies resolved in the client,
+and parallel steps (``batch``, ``.map()``, ``RunnableParallel``) run on a thread pool
+of LangChain's default size, ``min(32, cpu_count + 4)`` workers. The service sees each
+call alone and serves it first come, first served. Parrot's way submits the app's
+calls as one graph of semantic variables and fetches only the final outputs.
+
+Both ways run on the same engines. The request-centric run comes in two tunings,
+as a deployment must pick one without app knowledge: ``throughput-tuned`` (an
+uncapped batch) and ``latency-tuned`` (at most ``LATENCY_TUNED_BATCH`` requests per
+batch, the size the Parrot paper's latency-oriented baselines keep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+T = TypeVar("T")
+
+LANGCHAIN_WORKERS = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default size
+LATENCY_TUNED_BATCH = 4
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """How each engine of a run is configured (``parrot serve`` / ``parrot engine`` options)."""
+
+    max_running: int = 64
+    latency_step_tokens: int = 0  # 0: objective-blind batching
+    prefix_caching: bool = True
+    threads: int | None = None
+
+    def flags(self) -> list[str]:
+        out = ["--max-running", str(self.max_running), "--latency-step-tokens", str(self.latency_step_tokens),
+               "--prefix-caching" if self.prefix_caching else "--no-prefix-caching"]
+        return out + (["--threads", str(self.threads)] if self.threads else [])
+
+
+THROUGHPUT_TUNED = EngineSetup()
+LATENCY_TUNED = EngineSetup(max_running=LATENCY_TUNED_BATCH)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_service(setup: EngineSetup, engine_processes: int = 0) -> Iterator[str]:
+    """A fresh ``parrot serve`` (cold caches) on a free port; with ``engine_processes`` > 0 it has
+    no engine of its own and that many ``parrot engine`` processes register with it."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "parrot.service"]
+    serve = [*cmd, "serve", "--port", str(port), "--log-level", "warning", *setup.flags()]
+    if engine_processes:
+        serve.append("--no-local-engine")
+    procs = [subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        _wait(url, lambda http: http.get("/healthz").status_code == 200, procs)
+        for _ in range(engine_processes):
+            procs.append(subprocess.Popen([*cmd, "engine", "--service", url, *setup.flags()],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wanted = max(engine_processes, 1)
+        _wait(url, lambda http: len(http.get("/v1/engines").json()["data"]) == wanted, procs)
+        yield url
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait(url: str, ready: Callable[[httpx.Client], bool], procs: list[subprocess.Popen],
+          timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=5) as http:
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a process of the service at {url} exited during start-up")
+            with contextlib.suppress(httpx.HTTPError):
+                if ready(http):
+                    return
+            time.sleep(0.2)
+    raise RuntimeError(f"the service at {url} did not come up in {timeout_s:g} s")
+
+
+async def langchain_batch(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run ``calls`` as LangChain's ``batch`` does: at most ``LANGCHAIN_WORKERS`` at a time, in order."""
+    gate = asyncio.Semaphore(LANGCHAIN_WORKERS)
+
+    async def one(call: Callable[[], Awaitable[T]]) -> T:
+        async with gate:
+            return await call()
+
+    return await asyncio.gather(*(one(c) for c in calls))
+
+
+class Completions:
+    """The request-centric client: ``/v1/completions``, one call per LLM call, greedy,
+    exactly ``max_tokens`` generated (so both ways do the same work)."""
+
+    def __init__(self, url: str) -> None:
+        self.http = httpx.AsyncClient(base_url=url, timeout=600)
+
+    async def __call__(self, prompt: str, max_tokens: int) -> str:
+        resp = await self.http.post("/v1/completions", json={
+            "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+        resp.raise_for_status()
+        return resp.json()["choices"][0]["text"]
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+@dataclass
+class Row:
+    system: str
+    seconds: float  # end to end
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def print_table(title: str, rows: list[Row], reference: str, extra_columns: Sequence[str] = (),
+                note: str = "") -> None:
+    """One row per system; the last column is the row's end-to-end time over ``reference``'s,
+    so 2.00x means ``reference`` finished twice as fast as that row's system."""
+    parrot = next(r for r in rows if r.system == reference)
+    table = Table(title=title, title_justify="left")
+    table.add_column("system")
+    table.add_column("end to end s", justify="right")
+    for name in extra_columns:
+        table.add_column(name, justify="right")
+    table.add_column(f"{reference} speed-up", justify="right")
+    for row in rows:
+        cells = [f"{row.extra[c]:.1f}" if c in row.extra else "-" for c in extra_columns]
+        table.add_row(row.system, f"{row.seconds:.2f}", *cells, f"{row.seconds / parrot.seconds:.2f}x")
+    console.print(table)
+    if note:
+        console.print(note)
+
+
+async def timed(coro: Awaitable[T]) -> tuple[float, T]:
+    started = time.perf_counter()
+    result = await coro
+    return time.perf_counter() - started, result
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+_SENTENCES = (
+    "The committee met on Tuesday to review the quarterly budget of the northern district.",
+    "Rainfall in the valley was twice the seasonal average, flooding two of the lower farms.",
+    "A new bridge over the river shortened the trip to the market town by forty minutes.",
+    "Teachers reported that attendance rose after the school started serving breakfast.",
+    "The old mill was converted into a library with a reading room for children.",
+    "Local bakers agreed to share one delivery van to cut their fuel costs.",
+    "Researchers counted more than three hundred species of birds in the wetland.",
+    "The council postponed the vote on parking fees until the spring meeting.",
+    "A power outage on Friday night closed the hospital's outpatient clinic for a day.",
+    "Volunteers planted two thousand trees along the eastern edge of the park.",
+    "The museum extended its opening hours to the evening during the summer festival.",
+    "Farmers switched to drought-resistant wheat after three dry years in a row.",
+    "The train company added a late service on weekends for concert audiences.",
+    "Engineers found cracks in the dam's spillway and ordered urgent repairs.",
+    "A survey showed that most residents want more cycle lanes in the centre.",
+    "The fishing fleet reported its best catch in a decade thanks to cooler waters.",
+    "Two startups opened offices in the renovated warehouse by the harbour.",
+    "The regional hospital hired twelve nurses to shorten waiting times.",
+    "Snow closed the mountain pass for four days, cutting off three villages.",
+    "The football club sold its stadium naming rights to a local bank.",
+)
+
+
+def text_chunk(index: int, sentences: int) -> str:
+    """A deterministic paragraph, different for every ``index``."""
+    n = len(_SENTENCES)
+    return " ".join(_SENTENCES[(index * 7 + k * 3) % n] for k in range(sentences))

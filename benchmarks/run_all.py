@@ -1,0 +1,39 @@
+"""Run every application benchmark one after another and print one summary table.
+
+    python -m benchmarks.run_all            # the full set (about 10-15 minutes on 2 cores)
+    python -m benchmarks.run_all --quick    # smoke runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from rich.table import Table
+
+from benchmarks.harness import console
+
+BENCHMARKS = ("chain_summary", "map_reduce", "shared_prompt", "multi_agent", "mixed")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated benchmark names")
+    args = parser.parse_args(argv)
+    summary = Table(title="Parrot vs the request-centric way (same engines)", title_justify="left")
+    for column in ("benchmark", "system", "end to end s", "parrot speed-up", "chat ms/token"):
+        summary.add_column(column, justify="left" if column in ("benchmark", "system") else "right")
+    for name in args.only.split(","):
+        module = importlib.import_module(f"benchmarks.{name}")
+        rows = module.main(["--quick"] if args.quick else [])
+        parrot = next(r for r in rows if r.system == "parrot")
+        for row in rows:
+            chat = row.extra.get("chat ms/token")
+            summary.add_row(name, row.system, f"{row.seconds:.2f}", f"{row.seconds / parrot.seconds:.2f}x",
+                            "-" if chat is None else f"{chat:.0f}")
+    console.print(summary)
+
+
+if __name__ == "__main__":
+    main()
