@@ -16,15 +16,12 @@ import argparse
 
 import parrot as P
 from benchmarks.harness import (
-    LATENCY_TUNED,
-    THROUGHPUT_TUNED,
     Completions,
     Row,
+    benchmark_main,
+    compare_three_ways,
     print_table,
-    run,
-    running_service,
     text_chunk,
-    timed,
 )
 
 # Prompts the model continues as text: asked for an answer, this small instruct model first emits its
@@ -66,29 +63,10 @@ def chunks_for(n: int, sentences: int) -> list[str]:
     return [text_chunk(i, sentences) for i in range(n)]
 
 
-async def _parrot(url: str, args) -> float:
-    seconds, _ = await timed(parrot_job(url, chunks_for(args.chunks, args.sentences), args.step_tokens))
-    return seconds
-
-
-async def _baseline(url: str, args) -> float:
-    llm = Completions(url)
-    try:
-        seconds, _ = await timed(request_centric_job(llm, chunks_for(args.chunks, args.sentences),
-                                                     args.step_tokens))
-    finally:
-        await llm.aclose()
-    return seconds
-
-
 def measure(args) -> list[Row]:
-    rows = []
-    for system, setup, fn in (("parrot", THROUGHPUT_TUNED, _parrot),
-                              ("throughput-tuned", THROUGHPUT_TUNED, _baseline),
-                              ("latency-tuned", LATENCY_TUNED, _baseline)):
-        with running_service(setup) as url:
-            rows.append(Row(system, run(fn(url, args))))
-    return rows
+    chunks = chunks_for(args.chunks, args.sentences)
+    return compare_three_ways(lambda url: parrot_job(url, chunks, args.step_tokens),
+                              lambda llm: request_centric_job(llm, chunks, args.step_tokens))
 
 
 def parse_args(argv=None):
@@ -108,11 +86,7 @@ def report(rows: list[Row], args) -> None:
                 f"({args.sentences} sentences per chunk)", rows, "parrot")
 
 
-def main(argv=None) -> list[Row]:
-    args = parse_args(argv)
-    rows = measure(args)
-    report(rows, args)
-    return rows
+main = benchmark_main(parse_args, measure, report)
 
 
 if __name__ == "__main__":

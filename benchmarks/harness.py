@@ -133,6 +133,12 @@ class Completions:
     async def aclose(self) -> None:
         await self.http.aclose()
 
+    async def __aenter__(self) -> Completions:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
 
 @dataclass
 class Row:
@@ -168,6 +174,40 @@ async def timed(coro: Awaitable[T]) -> tuple[float, T]:
 
 def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def compare_three_ways(parrot_way: Callable[[str], Awaitable[Any]],
+                       request_centric_way: Callable[[Completions], Awaitable[Any]]) -> list[Row]:
+    """End-to-end time of one app run Parrot's way (given the service URL) and the request-centric
+    way (given its client), throughput- and latency-tuned, each on a fresh service."""
+
+    async def parrot(url: str) -> float:
+        return (await timed(parrot_way(url)))[0]
+
+    async def request_centric(url: str) -> float:
+        async with Completions(url) as llm:
+            return (await timed(request_centric_way(llm)))[0]
+
+    rows = []
+    for system, setup, fn in (("parrot", THROUGHPUT_TUNED, parrot),
+                              ("throughput-tuned", THROUGHPUT_TUNED, request_centric),
+                              ("latency-tuned", LATENCY_TUNED, request_centric)):
+        with running_service(setup) as url:
+            rows.append(Row(system, run(fn(url))))
+    return rows
+
+
+def benchmark_main(parse_args: Callable[[list[str] | None], Any], measure: Callable[[Any], list[Row]],
+                   report: Callable[[list[Row], Any], None]) -> Callable[[list[str] | None], list[Row]]:
+    """A benchmark's ``main(argv)``: parse, measure, print the table, return the rows."""
+
+    def main(argv: list[str] | None = None) -> list[Row]:
+        args = parse_args(argv)
+        rows = measure(args)
+        report(rows, args)
+        return rows
+
+    return main
 
 
 _SENTENCES = (

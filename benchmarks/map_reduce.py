@@ -16,16 +16,13 @@ import argparse
 import parrot as P
 from benchmarks.harness import (
     LANGCHAIN_WORKERS,
-    LATENCY_TUNED,
-    THROUGHPUT_TUNED,
     Completions,
     Row,
+    benchmark_main,
+    compare_three_ways,
     langchain_batch,
     print_table,
-    run,
-    running_service,
     text_chunk,
-    timed,
 )
 
 MAP = "Summarize this part of a news report in one sentence.\n\nText: {chunk}\n\nSummary:"
@@ -67,30 +64,11 @@ def chunks_for(job: int, n: int, sentences: int) -> list[str]:
     return [text_chunk(job * 1000 + i, sentences) for i in range(n)]
 
 
-async def _parrot(url: str, args) -> float:
-    seconds, _ = await timed(parrot_job(url, chunks_for(0, args.chunks, args.sentences), args.map_tokens,
-                                        args.reduce_tokens))
-    return seconds
-
-
-async def _baseline(url: str, args) -> float:
-    llm = Completions(url)
-    try:
-        seconds, _ = await timed(request_centric_job(llm, chunks_for(0, args.chunks, args.sentences),
-                                                     args.map_tokens, args.reduce_tokens))
-    finally:
-        await llm.aclose()
-    return seconds
-
-
 def measure(args) -> list[Row]:
-    rows = []
-    for system, setup, fn in (("parrot", THROUGHPUT_TUNED, _parrot),
-                              ("throughput-tuned", THROUGHPUT_TUNED, _baseline),
-                              ("latency-tuned", LATENCY_TUNED, _baseline)):
-        with running_service(setup) as url:
-            rows.append(Row(system, run(fn(url, args))))
-    return rows
+    chunks = chunks_for(0, args.chunks, args.sentences)
+    return compare_three_ways(
+        lambda url: parrot_job(url, chunks, args.map_tokens, args.reduce_tokens),
+        lambda llm: request_centric_job(llm, chunks, args.map_tokens, args.reduce_tokens))
 
 
 def parse_args(argv=None):
@@ -112,11 +90,7 @@ def report(rows: list[Row], args) -> None:
                 rows, "parrot")
 
 
-def main(argv=None) -> list[Row]:
-    args = parse_args(argv)
-    rows = measure(args)
-    report(rows, args)
-    return rows
+main = benchmark_main(parse_args, measure, report)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from benchmarks.harness import (
     THROUGHPUT_TUNED,
     Completions,
     Row,
+    benchmark_main,
     print_table,
     run,
     running_service,
@@ -82,13 +83,10 @@ async def parrot_run(url: str, args) -> tuple[float, list[float]]:
 
 
 async def request_centric_run(url: str, args) -> tuple[float, list[float]]:
-    llm = Completions(url)
-    try:
+    async with Completions(url) as llm:
         return await workload(
             args, lambda chunks: request_centric_job(llm, chunks, args.map_tokens, args.reduce_tokens),
             lambda question: llm(CHAT.format(q=question), args.chat_tokens))
-    finally:
-        await llm.aclose()
 
 
 def measure(args) -> list[Row]:
@@ -139,11 +137,7 @@ def report(rows: list[Row], args) -> None:
                 note="end to end = all map-reduce jobs done")
 
 
-def main(argv=None) -> list[Row]:
-    args = parse_args(argv)
-    rows = measure(args)
-    report(rows, args)
-    return rows
+main = benchmark_main(parse_args, measure, report)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,13 @@ import asyncio
 import parrot as P
 from benchmarks.harness import (
     LANGCHAIN_WORKERS,
-    LATENCY_TUNED,
-    THROUGHPUT_TUNED,
     Completions,
     Row,
+    benchmark_main,
+    compare_three_ways,
     langchain_batch,
     print_table,
-    run,
-    running_service,
     text_chunk,
-    timed,
 )
 
 DUTIES = {"architect": "designs the modules and their interfaces", "engineer": "writes the code",
@@ -90,29 +87,10 @@ async def request_centric_job(llm: Completions, task: str, rounds: int, agents: 
     return new
 
 
-async def _parrot(url: str, args) -> float:
-    seconds, _ = await timed(parrot_job(url, TASK, args.rounds, args.agents, args.message_tokens))
-    return seconds
-
-
-async def _baseline(url: str, args) -> float:
-    llm = Completions(url)
-    try:
-        seconds, _ = await timed(request_centric_job(llm, TASK, args.rounds, args.agents,
-                                                     args.message_tokens))
-    finally:
-        await llm.aclose()
-    return seconds
-
-
 def measure(args) -> list[Row]:
-    rows = []
-    for system, setup, fn in (("parrot", THROUGHPUT_TUNED, _parrot),
-                              ("throughput-tuned", THROUGHPUT_TUNED, _baseline),
-                              ("latency-tuned", LATENCY_TUNED, _baseline)):
-        with running_service(setup) as url:
-            rows.append(Row(system, run(fn(url, args))))
-    return rows
+    shape = (args.rounds, args.agents, args.message_tokens)
+    return compare_three_ways(lambda url: parrot_job(url, TASK, *shape),
+                              lambda llm: request_centric_job(llm, TASK, *shape))
 
 
 def parse_args(argv=None):
@@ -133,11 +111,7 @@ def report(rows: list[Row], args) -> None:
                 rows, "parrot")
 
 
-def main(argv=None) -> list[Row]:
-    args = parse_args(argv)
-    rows = measure(args)
-    report(rows, args)
-    return rows
+main = benchmark_main(parse_args, measure, report)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from benchmarks.harness import (
     THROUGHPUT_TUNED,
     Completions,
     Row,
+    benchmark_main,
     print_table,
     run,
     running_service,
@@ -59,11 +60,8 @@ async def parrot_users(url: str, system: str, users: int, tokens: int) -> None:
 
 
 async def request_centric_users(url: str, system: str, users: int, tokens: int) -> None:
-    llm = Completions(url)
-    try:
+    async with Completions(url) as llm:
         await asyncio.gather(*(llm(system + question(i), tokens) for i in range(users)))
-    finally:
-        await llm.aclose()
 
 
 def measure(args) -> list[Row]:
@@ -96,11 +94,7 @@ def report(rows: list[Row], args) -> None:
                 f"{args.tokens} tokens each", rows, "parrot", ["tokens/s"])
 
 
-def main(argv=None) -> list[Row]:
-    args = parse_args(argv)
-    rows = measure(args)
-    report(rows, args)
-    return rows
+main = benchmark_main(parse_args, measure, report)
 
 
 if __name__ == "__main__":
