@@ -35,6 +35,7 @@ from parrot.service.engine.builtin.request import IncrementalDetokenizer, Reques
 from parrot.service.engine.builtin.sampler import make_generator, sample
 from parrot.service.engine.builtin.scheduler import Scheduler, SchedulerConfig
 from parrot.service.engine.builtin.slots import SlotAllocator
+from parrot.service.engine.tokenization import HFTokenization
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _resolve(done: asyncio.Future[None]) -> None:
         done.set_result(None)
 
 
-class BuiltinEngine(Engine):
+class BuiltinEngine(HFTokenization, Engine):
     def __init__(self, config: BuiltinEngineConfig | None = None, *, hf_model=None, tokenizer=None,
                  model_name: str | None = None) -> None:
         """Load the model. ``hf_model``/``tokenizer`` may be given directly (tests do)."""
@@ -162,18 +163,6 @@ class BuiltinEngine(Engine):
             await asyncio.to_thread(self._thread.join)
             self._thread = None
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError(f"model {self.model_name!r} has no chat template")
-        out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-
     def validate(self, request: GenerateRequest) -> None:
         n = len(request.prompt_token_ids)
         if n == 0:
@@ -228,10 +217,6 @@ class BuiltinEngine(Engine):
         self._commands.put((kind, arg))
         self._commands.put(("sync", (loop, done)))
         await done
-
-    @property
-    def prompt_prefix_ids(self) -> list[int]:
-        return list(self.tokenizer.encode("", add_special_tokens=True))
 
     def load(self) -> Load:
         sched = self.scheduler
