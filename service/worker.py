@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI
 
-from parrot.service.engine.base import GenerateOutput, GenerateRequest
+from parrot.service.engine.base import GenerateRequest
 from parrot.service.engine.builtin.engine import BuiltinEngine
 from parrot.service.engine.remote_protocol import (
     EngineInfo,
@@ -145,7 +145,7 @@ def create_worker_app(engine: BuiltinEngine, *, service_url: str | None = None,
         async def events() -> AsyncIterator[str]:
             async with contextlib.aclosing(engine.generate(request)) as stream:
                 async for out in stream:
-                    yield sse_event(_output_dict(out))
+                    yield sse_event(asdict(out))
 
         return sse_response(events())
 
@@ -170,7 +170,3 @@ def create_worker_app(engine: BuiltinEngine, *, service_url: str | None = None,
         return {"ok": True}
 
     return app
-
-
-def _output_dict(out: GenerateOutput) -> dict:
-    return asdict(out)

@@ -68,7 +68,7 @@ class RemoteEngine(HFTokenization, Engine):
 
     async def start(self) -> None:
         """Fetch the engine's model, limits and tokenizer."""
-        info = EngineInfo.model_validate((await self._post_or_get("GET", "/info")).json())
+        info = EngineInfo.model_validate((await self._get("/info")).json())
         self.model_name, self.max_context_len = info.model, info.max_context_len
         self._prefix_ids = info.prompt_prefix_ids
         self.tokenizer = await asyncio.to_thread(load_tokenizer_files, info.tokenizer_files)
@@ -134,9 +134,9 @@ class RemoteEngine(HFTokenization, Engine):
         except (httpx.TransportError, RuntimeError):
             pass
 
-    async def _post_or_get(self, method: str, path: str) -> httpx.Response:
+    async def _get(self, path: str) -> httpx.Response:
         try:
-            resp = await self._client.request(method, path)
+            resp = await self._client.get(path)
         except httpx.TransportError as exc:
             raise EngineUnavailableError(f"engine at {self.url} is unreachable: {exc}") from exc
         if resp.status_code != 200:
