@@ -10,6 +10,7 @@ The native SDK is re-exported here, so programs read ``import parrot as P``::
         print(write_code("a snake game").get(perf=P.LATENCY))
 """
 
+from parrot.chat_call import chat
 from parrot.errors import ParrotError, ParrotTimeoutError
 from parrot.schemas import Criterion, SamplingConfig
 from parrot.sdk import (
@@ -32,5 +33,5 @@ __version__ = "0.1.0"
 __all__ = [
     "LATENCY", "THROUGHPUT", "TTFT", "Criterion", "Input", "NativeFunction", "Output", "Parrot",
     "ParrotError", "ParrotTimeoutError", "SamplingConfig", "SemanticFunction", "SemanticVariable",
-    "TemplateError", "current_vm", "native_function", "semantic_function",
+    "TemplateError", "chat", "current_vm", "native_function", "semantic_function",
 ]

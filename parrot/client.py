@@ -18,6 +18,8 @@ from pydantic import BaseModel, ValidationError
 
 from parrot.errors import ParrotError, ParrotTimeoutError
 from parrot.schemas import (
+    CallDecl,
+    CallInfo,
     Criterion,
     GraphAccepted,
     GraphInfo,
@@ -64,6 +66,13 @@ class ServiceClient:
 
     async def submit_graph(self, graph: GraphSubmit) -> GraphAccepted:
         return await self._request("POST", "/v1/graphs", GraphAccepted, json=_dump(graph))
+
+    async def submit_call(self, session_id: str, call: CallDecl) -> CallInfo:
+        """Submit one call (template or chat); the service creates its output variables."""
+        return await self._request("POST", f"/v1/sessions/{session_id}/calls", CallInfo, json=_dump(call))
+
+    async def get_call(self, session_id: str, call_id: str) -> CallInfo:
+        return await self._request("GET", f"/v1/sessions/{session_id}/calls/{call_id}", CallInfo)
 
     async def get_graph(self, session_id: str) -> GraphInfo:
         return await self._request("GET", f"/v1/sessions/{session_id}/graph", GraphInfo)

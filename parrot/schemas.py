@@ -18,6 +18,26 @@ HTTP routes (JSON; errors are ``{"error": {"message", "type", "param", "code"}}`
 
 Variable ids are chosen by the client (so calls can be issued without a round trip)
 and are scoped to one session: another session's id is simply not found.
+
+An ``llm`` call's prompt is either a template or a chat:
+
+    {"id": "c1", "segments": [{"type": "text", "text": "Summarize: "}, {"type": "input", "var": "doc"},
+                              {"type": "output", "var": "summary", "sampling": {"max_tokens": 64}}]}
+    {"id": "c2", "messages": [{"role": "system", "content": "You are terse."},
+                              {"role": "user", "content": [{"type": "text", "text": "Summarize: "},
+                                                           {"type": "input", "var": "doc"}]}],
+     "output": {"var": "short", "sampling": {"max_tokens": 64}}}
+
+Template segments are tokenized piece by piece (an input reuses the token ids its
+producer generated), and several outputs fill and generate in one sequence.
+
+A chat call has ``messages`` (roles ``system``, ``developer``, ``user``, ``assistant``;
+each ``content`` a list of text and input segments, or a plain string) and one
+``output``, the variable its reply goes to; it has no ``segments``. Once every input
+is set, the messages are rendered with the model's chat template (``developer`` as
+``system``, the generation prompt appended) and tokenized whole: the same prompt
+tokens as ``/v1/chat/completions`` sends for the same final text. A shape that breaks
+these rules, or messages the chat template refuses, is a 400 naming the problem.
 """
 
 from __future__ import annotations
@@ -25,7 +45,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 VarId = Annotated[str, Field(pattern=ID_PATTERN)]
@@ -74,6 +94,28 @@ class OutputSegment(_Strict):
 Segment = Annotated[TextSegment | InputSegment | OutputSegment, Field(discriminator="type")]
 
 
+ContentSegment = Annotated[TextSegment | InputSegment, Field(discriminator="type")]
+
+
+class MessageDecl(_Strict):
+    """One message of a chat call. ``content`` is static text and input variables, joined
+    as they are; a plain string is shorthand for one text segment."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: list[ContentSegment]
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_or_inputs(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [{"type": "text", "text": v}]
+        if isinstance(v, list) and any(isinstance(s, dict) and s.get("type") == "output" for s in v):
+            raise ValueError("a message holds text and input segments; a chat call's reply is "
+                             "its `output`, not part of a message")
+        return v
+
+
 class VariableDecl(_Strict):
     """A variable introduced by a graph: a constant (with ``value``) or a future."""
 
@@ -83,15 +125,35 @@ class VariableDecl(_Strict):
 
 
 class CallDecl(_Strict):
-    """One call. ``llm`` calls run in the service from their template segments;
+    """One call. ``llm`` calls run in the service, from template ``segments`` or from chat
+    ``messages`` plus the ``output`` their reply goes to (one or the other, not both);
     ``native`` calls run in the client, which sets their outputs when done."""
 
     id: VarId
     name: str | None = None
     kind: Literal["llm", "native"] = "llm"
-    segments: list[Segment] = Field(default_factory=list)  # llm calls
+    segments: list[Segment] = Field(default_factory=list)  # llm calls from a template
+    messages: list[MessageDecl] | None = None  # chat calls
+    output: OutputSegment | None = None  # a chat call's reply
     inputs: list[VarId] = Field(default_factory=list)  # native calls
     outputs: list[VarId] = Field(default_factory=list)  # native calls
+
+    @model_validator(mode="after")
+    def _one_prompt_shape(self) -> CallDecl:
+        if self.messages is None:
+            if self.output is not None:
+                raise ValueError("`output` is the reply of a chat call and needs `messages`; "
+                                 "a template call puts its output segments in `segments`")
+            return self
+        if self.kind == "native":
+            raise ValueError("a native call has no messages: it runs in the client")
+        if self.segments:
+            raise ValueError("a call has either `segments` (a template) or `messages` (a chat), not both")
+        if not self.messages:
+            raise ValueError("a chat call needs at least one message")
+        if self.output is None:
+            raise ValueError("a chat call needs an `output`: the variable its reply goes to")
+        return self
 
 
 class GraphSubmit(_Strict):

@@ -143,4 +143,11 @@ class Engine(abc.ABC):
         return []
 
     @abc.abstractmethod
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def render_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of ``messages`` in the model's chat template, with the generation
+        prompt appended; raises ``InvalidRequestError`` when the model has no chat template."""
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the rendered chat: the text tokenized whole, with no special tokens
+        added beyond those the template writes (as ``transformers`` does)."""
+        return self.encode(self.render_chat_template(messages))

@@ -19,11 +19,10 @@ class HFTokenization:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def render_chat_template(self, messages: list[dict[str, str]]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(f"model {self.model_name!r} has no chat template")
-        out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @property
     def prompt_prefix_ids(self) -> list[int]:

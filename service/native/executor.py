@@ -1,10 +1,12 @@
 """Runs a session's LLM calls on the engines as soon as their inputs are set.
 
-A call's prompt is built segment by segment: static text, then input values as
-the token ids their producer generated (so a dependent call's prompt extends its
-parent's KV in the radix cache), then for each output one generation whose tokens
-become part of the context for the rest of the template: fill → generate → fill →
-generate in one KV sequence. Outputs flow into dependents with no client round trip.
+A template call's prompt is built segment by segment: static text, then input
+values as the token ids their producer generated (so a dependent call's prompt
+extends its parent's KV in the radix cache), then for each output one generation
+whose tokens become part of the context for the rest of the template: fill →
+generate → fill → generate in one KV sequence. A chat call's prompt is its messages
+rendered with the model's chat template (see ``chat``), then one generation.
+Outputs flow into dependents with no client round trip.
 
 The global scheduler picks the engine once the prompt is known. If that engine
 dies mid-generation, the call resumes on another engine from the tokens already
@@ -21,11 +23,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from parrot.schemas import InputSegment, OutputSegment, SamplingConfig, TextSegment
+from parrot.schemas import CallDecl, InputSegment, OutputSegment, SamplingConfig, TextSegment
 from parrot.service.cluster.placement import GlobalScheduler
 from parrot.service.cluster.registry import EngineHandle, EngineRegistry
 from parrot.service.engine.base import Engine, GenerateRequest, SamplingParams
 from parrot.service.engine.remote import EngineUnavailableError
+from parrot.service.errors import ParrotAPIError
+from parrot.service.native import chat
 from parrot.service.native.graph import Call, Variable
 from parrot.service.native.objectives import objective_of
 from parrot.service.native.pins import PrefixPins
@@ -65,6 +69,15 @@ class Executor:
         self._ids = itertools.count()
 
     # ---- graph events -----------------------------------------------------------
+    def check(self, decls: list[CallDecl]) -> None:
+        """Reject, before they join the graph, chat calls the model's chat template refuses."""
+        handles = self.registry.engines(self.registry.default_model)
+        if not handles:
+            return  # no engine to ask yet: such a call fails when it runs
+        for decl in decls:
+            if decl.messages is not None:
+                chat.layout(handles[0].engine, decl.messages)
+
     def calls_added(self, calls: list[Call]) -> None:
         handles = self.registry.engines(self.registry.default_model)
         if handles:
@@ -121,7 +134,8 @@ class Executor:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 -- any failure becomes the call's error
-            message = str(exc) if isinstance(exc, CallFailed | ValueError) else f"{type(exc).__name__}: {exc}"
+            known = CallFailed | ValueError | ParrotAPIError  # errors whose message says it all
+            message = str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
             self._fail(call, message)
         else:
             call.state, call.finished = "done", time.time()
@@ -137,6 +151,8 @@ class Executor:
 
     def _static_prefix(self, engine: Engine, call: Call) -> list[int]:
         """The prompt tokens known before any input is: the leading static text."""
+        if call.messages is not None:
+            return chat.static_prefix_ids(engine, call.messages)
         tokens = list(engine.prompt_prefix_ids)
         for segment in call.segments:
             if not isinstance(segment, TextSegment):
@@ -146,6 +162,10 @@ class Executor:
 
     async def _generate(self, call: Call) -> None:
         tokenizer = (await self._engines())[0].engine  # engines of one model share a tokenizer
+        if call.messages is not None and call.reply is not None:
+            values = {v.id: v.value or "" for v in call.inputs}
+            await self._output(call, None, chat.prompt_ids(tokenizer, call.messages, values), call.reply)
+            return
         context = list(tokenizer.prompt_prefix_ids)
         handle: EngineHandle | None = None
         for segment in call.segments:
@@ -155,13 +175,20 @@ class Executor:
                 var = next(v for v in call.inputs if v.id == segment.var)
                 context += var.token_ids if var.token_ids is not None else tokenizer.encode(var.value or "")
             elif isinstance(segment, OutputSegment):
-                var = next(v for v in call.outputs if v.id == segment.var)
-                if handle is None:
-                    handle = await self._place(call, context)
-                text, ids, handle = await self._fill(call, handle, context, var, segment.sampling)
-                var.set(text, ids)
-                self.variable_settled(var)
+                handle, ids = await self._output(call, handle, context, segment)
                 context += ids
+
+    async def _output(self, call: Call, handle: EngineHandle | None, context: list[int],
+                      segment: OutputSegment) -> tuple[EngineHandle, list[int]]:
+        """Generate one output after ``context`` and set its variable; return the engine that
+        finished it and the ids that spell it. The call is placed at its first output."""
+        var = next(v for v in call.outputs if v.id == segment.var)
+        if handle is None:
+            handle = await self._place(call, context)
+        text, ids, handle = await self._fill(call, handle, context, var, segment.sampling)
+        var.set(text, ids)
+        self.variable_settled(var)
+        return handle, ids
 
     async def _place(self, call: Call, context: list[int]) -> EngineHandle:
         handle = self.scheduler.place(await self._engines(), context, objective_of(call.criterion),

@@ -11,7 +11,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from parrot.schemas import CallDecl, Criterion, GraphSubmit, InputSegment, OutputSegment, Segment
+from parrot.schemas import (
+    CallDecl,
+    Criterion,
+    GraphSubmit,
+    InputSegment,
+    MessageDecl,
+    OutputSegment,
+    Segment,
+)
 from parrot.service.errors import BadRequestError, ConflictError, NotFoundError
 
 CallState = Literal["pending", "running", "done", "failed", "cancelled"]
@@ -75,6 +83,15 @@ class Call:
     engine_id: str | None = None  # the engine the call runs (or ran) on
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    messages: list[MessageDecl] | None = None  # a chat call's prompt, instead of segments
+    reply: OutputSegment | None = None  # a chat call's one output
+
+    @property
+    def generations(self) -> list[OutputSegment]:
+        """The outputs this call generates, in order, with their sampling."""
+        if self.reply is not None:
+            return [self.reply]
+        return [s for s in self.segments if isinstance(s, OutputSegment)]
 
     @property
     def producers(self) -> list[Call]:
@@ -93,6 +110,9 @@ def call_variable_ids(decl: CallDecl) -> tuple[list[str], list[str]]:
     """(input ids, output ids) of a declared call, in template order."""
     if decl.kind == "native":
         return list(decl.inputs), list(decl.outputs)
+    if decl.messages is not None and decl.output is not None:
+        inputs = [s.var for m in decl.messages for s in m.content if isinstance(s, InputSegment)]
+        return inputs, [decl.output.var]
     inputs = [s.var for s in decl.segments if isinstance(s, InputSegment)]
     outputs = [s.var for s in decl.segments if isinstance(s, OutputSegment)]
     return inputs, outputs
@@ -163,7 +183,8 @@ class SessionGraph:
         for decl in graph.calls:
             inputs, outputs = wiring[decl.id]
             call = Call(decl.id, decl.name, decl.kind, list(decl.segments),
-                        [self.variables[v] for v in inputs], [self.variables[v] for v in outputs])
+                        [self.variables[v] for v in inputs], [self.variables[v] for v in outputs],
+                        messages=decl.messages, reply=decl.output)
             for var in call.outputs:
                 var.producer = call
             for var in dict.fromkeys(call.inputs):

@@ -11,7 +11,7 @@ together (they are only useful once all of them are done).
 
 from __future__ import annotations
 
-from parrot.schemas import Criterion, OutputSegment
+from parrot.schemas import Criterion
 from parrot.service.native.graph import Call, Variable
 
 # Base priority per criterion; a call on the critical path adds PATH_WEIGHT.
@@ -26,7 +26,7 @@ def objective_of(criterion: Criterion | None) -> str:
 
 def _cost(call: Call) -> int:
     """A call's expected decode length: the token budget of its outputs (native calls: 1)."""
-    return sum(s.sampling.max_tokens for s in call.segments if isinstance(s, OutputSegment)) or 1
+    return sum(out.sampling.max_tokens for out in call.generations) or 1
 
 
 def ancestors(var: Variable) -> list[Call]:

@@ -95,6 +95,7 @@ class SessionManager:
     # ---- graph operations ------------------------------------------------------------
     def submit(self, graph: GraphSubmit) -> list[str]:
         session = self.get(graph.session_id)
+        self.executor.check(graph.calls)
         calls = session.graph.add(graph)
         assign_task_groups(calls)
         self.executor.calls_added(calls)

@@ -1,0 +1,84 @@
+"""Chat calls: messages whose contents mix static text and input variables.
+
+The prompt is the model's chat template applied to the messages with every input's
+value in place, tokenized whole: the same text, and so the same token ids, as
+``/v1/chat/completions`` sends for those messages. (A template call instead splices
+in the ids its producer generated; a chat template may trim or reshape contents,
+and tokens can merge across a boundary, so only the whole rendering is exact.)
+
+Which prompt text is static is still known before any input is: rendering once with
+a unique marker in place of each input splits the prompt into template/message text
+and inputs. The text before the first input is the call's static prefix, which the
+service pins for pending calls and matches against engine caches.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+
+from parrot.schemas import InputSegment, MessageDecl, TextSegment
+from parrot.service.engine.base import Engine, InvalidRequestError
+from parrot.service.errors import BadRequestError
+
+PromptPiece = str | InputSegment  # static prompt text, or an input whose value goes there
+
+
+def template_messages(messages: list[MessageDecl],
+                      fill: Callable[[InputSegment], str]) -> list[dict[str, str]]:
+    """The messages as a chat template takes them, each input replaced by ``fill(input)``;
+    ``developer`` is OpenAI's newer name for ``system``, as on the OpenAI routes."""
+    out = []
+    for message in messages:
+        content = "".join(s.text if isinstance(s, TextSegment) else fill(s) for s in message.content)
+        entry = {"role": "system" if message.role == "developer" else message.role, "content": content}
+        if message.name:
+            entry["name"] = message.name
+        out.append(entry)
+    return out
+
+
+def render(engine: Engine, messages: list[dict[str, str]]) -> str:
+    """The chat template's text; a template that raises (e.g. roles must alternate) is a 400."""
+    try:
+        return engine.render_chat_template(messages)
+    except InvalidRequestError:  # the model has no chat template
+        raise
+    except Exception as exc:
+        raise BadRequestError(f"the chat template rejected these messages: {exc}",
+                              param="messages") from exc
+
+
+def prompt_ids(engine: Engine, messages: list[MessageDecl], values: dict[str, str]) -> list[int]:
+    """The prompt of a chat call whose inputs have ``values`` (by variable id)."""
+    return engine.encode(render(engine, template_messages(messages, lambda s: values[s.var])))
+
+
+def layout(engine: Engine, messages: list[MessageDecl]) -> list[PromptPiece]:
+    """The rendered prompt as static text and the inputs in it, in prompt order."""
+    marker = f"@@parrot-input-{uuid.uuid4().hex}-"
+    inputs: list[InputSegment] = []
+
+    def place(segment: InputSegment) -> str:
+        inputs.append(segment)
+        return f"{marker}{len(inputs) - 1}@@"
+
+    text = render(engine, template_messages(messages, place))
+    pieces: list[PromptPiece] = []
+    for i, part in enumerate(re.split(f"{re.escape(marker)}(\\d+)@@", text)):
+        if i % 2:
+            pieces.append(inputs[int(part)])
+        elif part:
+            pieces.append(part)
+    return pieces
+
+
+def static_prefix_ids(engine: Engine, messages: list[MessageDecl]) -> list[int]:
+    """The prompt tokens known before any input is set."""
+    pieces = layout(engine, messages)
+    static = [p for p in pieces if isinstance(p, str)]
+    if len(static) == len(pieces):  # no inputs: the whole prompt is known
+        return engine.encode("".join(static))
+    head = pieces[0] if isinstance(pieces[0], str) else ""
+    return engine.encode(head)[:-1]  # the last token may merge with the input's text
