@@ -43,7 +43,7 @@ these rules, or messages the chat template refuses, is a 400 naming the problem.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -74,6 +74,9 @@ class SamplingConfig(_Strict):
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
 
+    # Constrain the output to JSON that validates against this JSON Schema ({"type": "object"}
+    # for any JSON object); the output ends when the JSON is complete.
+    json_schema: dict[str, Any] | None = None
 
 class TextSegment(_Strict):
     type: Literal["text"] = "text"

@@ -60,10 +60,10 @@ class Output:
     def __init__(self, sampling: SamplingConfig | None = None, /, *, max_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  seed: int | None = None, stop: str | list[str] | None = None,
-                 ignore_eos: bool | None = None) -> None:
+                 ignore_eos: bool | None = None, json_schema: dict[str, Any] | None = None) -> None:
         fields = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                   "seed": seed, "stop": [stop] if isinstance(stop, str) else stop,
-                  "ignore_eos": ignore_eos}
+                  "ignore_eos": ignore_eos, "json_schema": json_schema}
         given = {k: v for k, v in fields.items() if v is not None}
         if sampling is not None:
             if not isinstance(sampling, SamplingConfig):

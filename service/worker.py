@@ -140,7 +140,7 @@ def create_worker_app(engine: BuiltinEngine, *, service_url: str | None = None,
             request_id=body.rid, prompt_token_ids=body.input_ids, sampling=body.sampling_params,
             objective=body.objective, priority=body.priority, group_id=body.group_id,
         )
-        engine.validate(request)  # a bad request is a 400 before the stream starts
+        await engine.check(request)  # a bad request is a 400 before the stream starts
 
         async def events() -> AsyncIterator[str]:
             async with contextlib.aclosing(engine.generate(request)) as stream:

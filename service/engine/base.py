@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -38,6 +38,13 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Constrain the output to JSON that validates against this JSON Schema ({"type": "object"}:
+    # any JSON object). The output ends when the JSON is complete; engines that cannot
+    # constrain reject it.
+    json_schema: dict[str, Any] | None = None
+    # The last this-many prompt tokens are this output's own earlier tokens (a generation
+    # resumed on another engine): a json_schema constraint continues after them.
+    resumed_output_len: int = Field(0, ge=0)
 
     @field_validator("stop")
     @classmethod

@@ -39,11 +39,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_ENGINE_WAIT_S = 30.0
 
 
-def sampling_params(config: SamplingConfig, max_new_tokens: int | None = None) -> SamplingParams:
+def sampling_params(config: SamplingConfig, max_new_tokens: int | None = None,
+                    resumed_output_len: int = 0) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=config.max_tokens if max_new_tokens is None else max_new_tokens,
         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=config.seed,
-        stop=tuple(config.stop), ignore_eos=config.ignore_eos,
+        stop=tuple(config.stop), ignore_eos=config.ignore_eos, json_schema=config.json_schema,
+        resumed_output_len=resumed_output_len,
     )
 
 
@@ -226,7 +228,7 @@ class Executor:
         request = GenerateRequest(
             request_id=f"call-{call.id}-{next(self._ids)}",
             prompt_token_ids=context + progress.ids,
-            sampling=sampling_params(sampling, left),
+            sampling=sampling_params(sampling, left, len(progress.ids)),
             objective=objective,  # type: ignore[arg-type]
             priority=call.priority,
             group_id=call.group,

@@ -4,9 +4,13 @@ Requests forbid unknown fields, so a parameter this server does not implement is
 400 that names it instead of being silently ignored. Parameters the official clients
 (``openai``, ``langchain-openai``, Semantic Kernel) send with neutral values are
 accepted when neutral (``n=1``, ``presence_penalty=0``, ``logit_bias={}``,
-``logprobs=false``, ``response_format={"type": "text"}``, ``tool_choice="none"``)
-and rejected otherwise. vLLM's extra sampling fields ``top_k``, ``stop_token_ids``
-and ``ignore_eos`` are accepted too.
+``logprobs=false``, ``tool_choice="none"``) and rejected otherwise. vLLM's extra
+sampling fields ``top_k``, ``stop_token_ids`` and ``ignore_eos`` are accepted too.
+
+``response_format`` is ``{"type": "text"}``, ``{"type": "json_object"}`` (any JSON
+object) or ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``
+(JSON valid against the schema), on both completion routes; the engine enforces it
+while sampling and rejects a schema it cannot use.
 
 ``max_tokens`` left out means "the rest of the context window, at most
 ``DEFAULT_MAX_TOKENS``" (see ``serving.py``).
@@ -15,7 +19,7 @@ and ``ignore_eos`` are accepted too.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -46,6 +50,32 @@ class StreamOptions(_Request):
         return v
 
 
+class ResponseFormatText(_Request):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(_Request):
+    type: Literal["json_object"]
+
+
+class JSONSchemaSpec(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    # ``schema`` would shadow a BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None  # the output always follows the schema, strict or not
+
+
+class ResponseFormatJSONSchema(_Request):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema, Field(discriminator="type")
+]
+
+
 class SamplingRequest(_Request):
     """Fields shared by completions and chat completions."""
 
@@ -64,6 +94,7 @@ class SamplingRequest(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     @field_validator("n")
@@ -107,6 +138,16 @@ class SamplingRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema the output must follow, if any."""
+        fmt = self.response_format
+        if isinstance(fmt, ResponseFormatJSONSchema):
+            return fmt.json_schema.schema_
+        if isinstance(fmt, ResponseFormatJSONObject):
+            return {"type": "object"}
+        return None
 
 
 # ---- /v1/completions --------------------------------------------------------------
@@ -224,7 +265,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # meaningless without tools, so harmless
@@ -243,13 +283,6 @@ class ChatCompletionRequest(SamplingRequest):
     def _no_top_logprobs(cls, v: int | None) -> int | None:
         if v:
             raise ValueError(f"top_logprobs {_NOT_SUPPORTED}")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v.get("type") != "text":
-            raise ValueError(f"response_format {v.get('type')!r} {_NOT_SUPPORTED}; only 'text'")
         return v
 
     @field_validator("tools", "functions")

@@ -240,6 +240,7 @@ class OpenAIServing:
             stop=tuple(request.stop_list),
             stop_token_ids=tuple(request.stop_token_ids or ()),
             ignore_eos=bool(request.ignore_eos),
+            json_schema=request.json_schema,
         )
         try:
             return SamplingParams(**fields)

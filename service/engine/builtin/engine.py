@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,13 +30,17 @@ from parrot.service.engine.base import (
 )
 from parrot.service.engine.builtin import loader
 from parrot.service.engine.builtin.batch_builder import build_forward_batch
+from parrot.service.engine.builtin.grammar import JsonSchemaGrammars, matcher_error
 from parrot.service.engine.builtin.model import LlamaRunner, kv_bytes_per_token
 from parrot.service.engine.builtin.radix_cache import RadixCache
 from parrot.service.engine.builtin.request import IncrementalDetokenizer, Request
-from parrot.service.engine.builtin.sampler import make_generator, sample
+from parrot.service.engine.builtin.sampler import apply_token_bitmask, make_generator, sample
 from parrot.service.engine.builtin.scheduler import Scheduler, SchedulerConfig
 from parrot.service.engine.builtin.slots import SlotAllocator
 from parrot.service.engine.tokenization import HFTokenization
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +117,7 @@ class BuiltinEngine(HFTokenization, Engine):
             limit = min(limit, window)  # no sliding-window attention here: cap instead
         self.max_context_len = min(config.max_context_len or limit, limit, num_slots)
         self.eos_token_ids = self._eos_ids(hf_config, tokenizer)
+        self.grammars = JsonSchemaGrammars(tokenizer, self.runner.vocab_size, self.eos_token_ids)
 
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator.free)
@@ -177,14 +183,31 @@ class BuiltinEngine(HFTokenization, Engine):
             raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab})")
         if request.request_id in self._streams:
             raise InvalidRequestError(f"request id {request.request_id!r} is already running")
+        if request.sampling.resumed_output_len > n:
+            raise InvalidRequestError("resumed_output_len exceeds the prompt length")
+
+    async def check(self, request: GenerateRequest) -> None:
+        """``validate``, plus what takes work off the event loop: compiling a JSON schema."""
+        self.validate(request)
+        await self._grammar(request)
+
+    async def _grammar(self, request: GenerateRequest) -> LLMatcher | None:
+        """The request's own schema matcher (None when unconstrained), built in a worker thread."""
+        sp = request.sampling
+        if sp.json_schema is None:
+            return None
+        ids = request.prompt_token_ids
+        return await asyncio.to_thread(self.grammars.matcher, sp.json_schema,
+                                       ids[len(ids) - sp.resumed_output_len:])
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         self.validate(request)
+        grammar = await self._grammar(request)
         if self._thread is None:
             await self.start()
         stream: asyncio.Queue[GenerateOutput] = asyncio.Queue()
         self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", request))
+        self._commands.put(("add", (request, grammar)))
         finished = False
         try:
             while not finished:
@@ -245,7 +268,7 @@ class BuiltinEngine(HFTokenization, Engine):
                 if kind == "stop":
                     return
                 if kind == "add":
-                    self._add(arg)
+                    self._add(*arg)
                 elif kind == "abort":
                     self._abort(arg)
                 elif kind == "priority":
@@ -267,7 +290,7 @@ class BuiltinEngine(HFTokenization, Engine):
                     logger.exception("engine step failed")
                     self._fail_all(f"engine error: {exc}")
 
-    def _add(self, request: GenerateRequest) -> None:
+    def _add(self, request: GenerateRequest, grammar: LLMatcher | None = None) -> None:
         sp = request.sampling
         seq = next(self._arrivals)
         group_seq = seq
@@ -285,6 +308,7 @@ class BuiltinEngine(HFTokenization, Engine):
             seq=seq,
             group_seq=group_seq,
             detokenizer=IncrementalDetokenizer(self.tokenizer, sp.stop),
+            grammar=grammar,
         )
         self._requests[req.request_id] = req
         self.scheduler.add(req)
@@ -302,14 +326,14 @@ class BuiltinEngine(HFTokenization, Engine):
         req.finish_reason = "abort"
         self._finish(req)
 
-    def _finish(self, req: Request, new_ids: list[int] | None = None) -> None:
+    def _finish(self, req: Request, new_ids: list[int] | None = None, error: str | None = None) -> None:
         self.scheduler.finish(req)
         self._requests.pop(req.request_id, None)
         if req.group_id is not None and not any(
             r.group_id == req.group_id for r in self._requests.values()
         ):
             self._group_seqs.pop(req.group_id, None)
-        self._emit(req, new_ids or [])
+        self._emit(req, new_ids or [], error=error)
 
     def _fail_all(self, message: str) -> None:
         for req in list(self._requests.values()):
@@ -351,6 +375,10 @@ class BuiltinEngine(HFTokenization, Engine):
         self.num_steps += 1
         if not samplers:
             return
+        constrained = [i for i, r in enumerate(samplers) if r.grammar is not None]
+        if constrained:
+            bitmask = self.grammars.fill_bitmask([samplers[i].grammar for i in constrained])
+            logits = apply_token_bitmask(logits, constrained, bitmask)
         tokens = sample(logits, [r.sampling for r in samplers], [r.generator for r in samplers])
         for req, token in zip(samplers, tokens, strict=True):
             self._append_token(req, token)
@@ -363,10 +391,17 @@ class BuiltinEngine(HFTokenization, Engine):
             return
         req.token_ids.append(token)
         assert req.detokenizer is not None
+        if req.grammar is not None and not req.grammar.consume_token(token):
+            req.finish_reason = "abort"  # cannot happen with the mask applied; never end silently
+            error = f"the JSON schema constraint failed: {matcher_error(req.grammar)}"
+            self._finish(req, [token], error=error)
+            return
         # A stop token ends the output without adding its text (as in vLLM).
         if token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos):
             req.finish_reason = "stop"
         elif req.detokenizer.add(req.output_ids):
+            req.finish_reason = "stop"
+        elif req.grammar is not None and req.grammar.is_stopped():  # the JSON is complete
             req.finish_reason = "stop"
         elif req.num_output_tokens >= sp.max_new_tokens:
             req.finish_reason = "length"

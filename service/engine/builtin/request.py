@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from parrot.service.engine.base import FinishReason, Objective, SamplingParams
 from parrot.service.engine.builtin.radix_cache import RadixNode
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 
 @dataclass(eq=False)
@@ -31,6 +35,7 @@ class Request:
     num_cached_tokens: int = -1  # prompt tokens reused from the cache, set at first admission
     finish_reason: FinishReason | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    grammar: LLMatcher | None = None  # set for a JSON-schema constrained request (see grammar.py)
 
     @property
     def queue_key(self) -> tuple[int, int, int, int]:

@@ -1,4 +1,4 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, token masks."""
 
 from __future__ import annotations
 
@@ -16,6 +16,18 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     else:
         gen.seed()
     return gen
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """A copy of ``logits`` with ``[rows[i], t]`` set to -inf wherever bit ``t`` of ``bitmask[i]``
+    is clear (packed 32 tokens per int32, lowest bit first); other rows are unchanged."""
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :logits.shape[1]]
+    index = torch.tensor(rows, device=logits.device)
+    out = logits.clone()  # a copy, not in place: the model's logits may be an inference tensor
+    out[index] = out[index].masked_fill(~allowed, float("-inf"))
+    return out
 
 
 def sample(
