@@ -2,17 +2,20 @@
 
 Chat users send a question, wait for the answer, think, and ask again; meanwhile
 several map-reduce summary jobs run as in ``map_reduce.py``. Parrot knows which is
-which: chat answers are fetched with ``P.LATENCY``, job results with ``P.THROUGHPUT``.
-Its global scheduler keeps each job's maps on one engine and sends chat turns where
-the least latency work runs; on that engine, while a chat turn runs, throughput work
-only gets what is left of ``--latency-step-tokens`` per step, so the chat decodes in
-small batches, and the jobs take the whole batch again in between. The
-request-centric way serves every call alike on the least loaded engine.
+which: chat answers are fetched with ``P.LATENCY``, job results with ``P.THROUGHPUT``,
+and the SDK sends each fetch's criterion with the graph, so every call is placed for
+its objective. The global scheduler keeps each job's maps on one engine and sends
+chat turns where the least latency work runs; on that engine, while a chat turn
+runs, throughput work only gets what is left of ``--latency-step-tokens`` per step
+(1 here: nothing), and takes the whole batch again in between. On a CPU in float32
+the step time roughly doubles from one row to two (small matrix products are no
+cheaper per row), so a chat decodes fastest alone. The request-centric way serves
+every call alike on the least loaded engine.
 
 Chat latency is the normalized latency of the Parrot paper: a turn's end-to-end time
 over its output tokens, averaged over turns.
 
-    python -m benchmarks.mixed            # 6 jobs x 8 chunks, 4 chat users x 3 turns
+    python -m benchmarks.mixed            # 6 jobs x 8 chunks, 2 chat users x 3 turns
     python -m benchmarks.mixed --quick
 """
 
@@ -113,13 +116,13 @@ def parse_args(argv=None):
     parser.add_argument("--sentences", type=int, default=3)
     parser.add_argument("--map-tokens", type=int, default=48)
     parser.add_argument("--reduce-tokens", type=int, default=16)
-    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument("--users", type=int, default=2, help="one per engine at most, at best")
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--chat-tokens", type=int, default=32)
     parser.add_argument("--chat-start-s", type=float, default=2.0)
     parser.add_argument("--stagger-s", type=float, default=0.5)
     parser.add_argument("--think-s", type=float, default=1.0)
-    parser.add_argument("--latency-step-tokens", type=int, default=2,
+    parser.add_argument("--latency-step-tokens", type=int, default=1,
                         help="Parrot engines' step budget while chat turns run")
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     args = parser.parse_args(argv)

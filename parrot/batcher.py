@@ -5,7 +5,9 @@ A semantic function call only appends to the open batch and returns. The sender
 the batch and posts it as one graph; calls issued meanwhile fill the next batch.
 Only one post is in flight at a time, so a later batch may use the variables of an
 earlier one. Every variable remembers the ``posted`` future of the batch that
-declared it: waiting for a value starts by waiting for that.
+declared it: waiting for a value starts by waiting for that. A fetch of a variable
+whose batch is not posted yet rides along with it (``fetches``), so the service
+places the calls knowing the criterion they will be fetched with.
 """
 
 from __future__ import annotations
@@ -19,17 +21,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from parrot.errors import ParrotError, ParrotTimeoutError
-from parrot.schemas import CallDecl, VariableDecl
+from parrot.schemas import CallDecl, Criterion, FetchDecl, VariableDecl
 
 logger = logging.getLogger(__name__)
 
-Post = Callable[[list[VariableDecl], list[CallDecl]], Awaitable[object]]
+Post = Callable[[list[VariableDecl], list[CallDecl], list[FetchDecl]], Awaitable[object]]
 
 
 @dataclass
 class Batch:
     variables: list[VariableDecl] = field(default_factory=list)
     calls: list[CallDecl] = field(default_factory=list)
+    fetches: list[FetchDecl] = field(default_factory=list)
     # Resolved once the service accepted the batch; a refusal is its exception.
     posted: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
 
@@ -68,6 +71,12 @@ class GraphBatcher:
         if batch is not None:
             batch.posted.set_exception(error)
 
+    def announce(self, var_id: str, criterion: Criterion) -> None:
+        """The app is about to fetch ``var_id``: tell the service with its batch, if still open."""
+        with self._lock:
+            if self._open is not None and self._open.posted is self._posted_by_var.get(var_id):
+                self._open.fetches.append(FetchDecl(var=var_id, criterion=criterion))
+
     async def wait_posted(self, var_id: str, timeout: float | None) -> None:
         """Wait until the batch that declared ``var_id`` was posted; raise its refusal."""
         with self._lock:
@@ -93,7 +102,7 @@ class GraphBatcher:
         self._call_soon(self._flush.set)
 
     async def run(self, post: Post) -> None:
-        """The sender: post each batch with ``post(variables, calls)``, strictly in order."""
+        """The sender: post each batch with ``post(variables, calls, fetches)``, strictly in order."""
         while True:
             await self._wakeup.wait()
             if self._window_s > 0 and not self._flush.is_set():
@@ -106,7 +115,7 @@ class GraphBatcher:
             if batch is None:
                 continue
             try:
-                await post(batch.variables, batch.calls)
+                await post(batch.variables, batch.calls, batch.fetches)
             except ParrotError as exc:
                 batch.posted.set_exception(exc)
             except asyncio.CancelledError:

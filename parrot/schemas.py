@@ -5,6 +5,7 @@ HTTP routes (JSON; errors are ``{"error": {"message", "type", "param", "code"}}`
     POST   /v1/sessions                                   -> SessionInfo
     DELETE /v1/sessions/{sid}                             cancels pending calls, frees their KV
     POST   /v1/graphs                  GraphSubmit        -> GraphAccepted
+           (``fetches`` announce the criteria the app will fetch with, before calls run)
     POST   /v1/sessions/{sid}/calls    CallDecl           -> CallInfo  (one call; creates its outputs)
     GET    /v1/sessions/{sid}/calls/{cid}                 -> CallInfo
     POST   /v1/sessions/{sid}/variables  VariableCreate   -> VariableInfo
@@ -159,6 +160,13 @@ class CallDecl(_Strict):
         return self
 
 
+class FetchDecl(_Strict):
+    """The app will fetch ``var`` with ``criterion``."""
+
+    var: VarId
+    criterion: Criterion
+
+
 class GraphSubmit(_Strict):
     """Part of a session's graph. Every variable a call reads or writes must be declared in
     ``variables``, here or in an earlier submission; a call's outputs without a value."""
@@ -166,6 +174,9 @@ class GraphSubmit(_Strict):
     session_id: VarId
     variables: list[VariableDecl] = Field(default_factory=list)
     calls: list[CallDecl] = Field(default_factory=list)
+    # Fetches the app already makes, announced with the graph so that every call is
+    # placed knowing its objective (a later GET with the same criterion changes nothing).
+    fetches: list[FetchDecl] = Field(default_factory=list)
 
 
 class GraphAccepted(BaseModel):
@@ -225,6 +236,10 @@ class CallInfo(BaseModel):
     timings: CallTimings
     cached_tokens: int = 0
     prompt_tokens: int = 0
+    # Tokens generated over all its outputs (a stop token counts, as in OpenAI's usage), and
+    # why its last output ended; both are set before that output's variable is.
+    output_tokens: int = 0
+    finish_reason: Literal["stop", "length"] | None = None
     engine: str | None = None  # the engine that ran the call (see GET /v1/engines)
 
 

@@ -61,6 +61,7 @@ class SemanticVariable:
         vm = self._home("get")
         if vm is None:
             return self._value  # type: ignore[return-value]  # _home checked it is known
+        vm.announce_fetch(self, _criterion(perf))
         self._value = vm.run_sync(vm.fetch(self, _criterion(perf), timeout))
         return self._value
 
@@ -70,6 +71,7 @@ class SemanticVariable:
         vm = self._home("aget")
         if vm is None:
             return self._value  # type: ignore[return-value]
+        vm.announce_fetch(self, _criterion(perf))
         self._value = await vm.run_async(vm.fetch(self, _criterion(perf), timeout))
         return self._value
 
@@ -79,6 +81,7 @@ class SemanticVariable:
         if vm is None:
             yield self._value  # type: ignore[misc]
             return
+        vm.announce_fetch(self, _criterion(perf))
         yield from vm.iterate_sync(vm.stream_deltas(self, _criterion(perf)))
 
     async def astream(self, perf: Criterion | str | None = Criterion.TTFT) -> AsyncIterator[str]:
@@ -87,6 +90,7 @@ class SemanticVariable:
         if vm is None:
             yield self._value  # type: ignore[misc]
             return
+        vm.announce_fetch(self, _criterion(perf))
         async for delta in vm.iterate_async(vm.stream_deltas(self, _criterion(perf))):
             yield delta
 

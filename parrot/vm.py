@@ -29,7 +29,7 @@ from parrot.batcher import GraphBatcher
 from parrot.client import ServiceClient
 from parrot.errors import ParrotError
 from parrot.loop_thread import LoopStoppedError, LoopThread
-from parrot.schemas import CallDecl, Criterion, GraphInfo, GraphSubmit, VariableDecl
+from parrot.schemas import CallDecl, Criterion, FetchDecl, GraphInfo, GraphSubmit, VariableDecl
 from parrot.variable import SemanticVariable
 
 T = TypeVar("T")
@@ -155,10 +155,11 @@ class Parrot:
         self._batcher = GraphBatcher(self._batch_window_s, self._loop.call_soon)
         self._spawn(self._batcher.run(self._post))
 
-    async def _post(self, variables: list[VariableDecl], calls: list[CallDecl]) -> None:
+    async def _post(self, variables: list[VariableDecl], calls: list[CallDecl],
+                    fetches: list[FetchDecl]) -> None:
         assert self._client is not None
         await self._client.submit_graph(GraphSubmit(session_id=self.session_id, variables=variables,
-                                                    calls=calls))
+                                                    calls=calls, fetches=fetches))
 
     def _close(self) -> None:
         with self._lock:
@@ -244,6 +245,11 @@ class Parrot:
     async def _wait_posted(self, var: SemanticVariable, timeout: float | None) -> None:
         assert self._batcher is not None
         await self._batcher.wait_posted(var.id, timeout)
+
+    def announce_fetch(self, var: SemanticVariable, criterion: Criterion | None) -> None:
+        """Called in the app's thread as a fetch begins, before the sender may take the batch."""
+        if criterion is not None and self._batcher is not None:
+            self._batcher.announce(var.id, criterion)
 
     # -- for SemanticVariable: coroutines that run on the VM loop -----------------------------
 

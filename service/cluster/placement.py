@@ -18,8 +18,7 @@ forgotten first), in the same radix tree the builtin engine uses for its KV.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from parrot.service.cluster.registry import EngineHandle
@@ -122,13 +121,15 @@ class GlobalScheduler:
         else:
             stats.throughput -= 1
 
-    @contextlib.contextmanager
-    def running(self, handle: EngineHandle, objective: str, tokens: Sequence[int]) -> Iterator[None]:
-        self.begin(handle, objective, tokens)
-        try:
-            yield
-        finally:
-            self.end(handle, objective)
+    def retarget(self, handle: EngineHandle, old: str, new: str) -> None:
+        """A request in flight on ``handle`` changed objective (its result was fetched)."""
+        if old != new and handle.id in self.stats:
+            self.end(handle, old)
+            stats = self.stats[handle.id]
+            if new == "latency":
+                stats.latency += 1
+            else:
+                stats.throughput += 1
 
     def sent(self, handle: EngineHandle, tokens: Sequence[int]) -> None:
         capacity = handle.engine.load().kv_tokens_total or DEFAULT_CAPACITY_TOKENS

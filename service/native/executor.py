@@ -69,6 +69,7 @@ class Executor:
         self.engine_wait_s = engine_wait_s  # how long a ready call waits for an engine to exist
         self.pins = PrefixPins()
         self._ids = itertools.count()
+        self._background: set[asyncio.Task] = set()
 
     # ---- graph events -----------------------------------------------------------
     def check(self, decls: list[CallDecl]) -> None:
@@ -126,8 +127,16 @@ class Executor:
 
     async def reprioritize(self, call: Call) -> None:
         handle = self.registry.handles.get(call.engine_id or "")
-        if call.request_id is not None and handle is not None:
-            await handle.engine.set_priority(call.request_id, call.priority, objective_of(call.criterion))
+        if call.request_id is not None and handle is not None and call.objective is not None:
+            objective = objective_of(call.criterion)
+            self.scheduler.retarget(handle, call.objective, objective)
+            call.objective = objective
+            await handle.engine.set_priority(call.request_id, call.priority, objective)
+
+    def reprioritize_soon(self, call: Call) -> None:
+        task = asyncio.get_running_loop().create_task(self.reprioritize(call))
+        self._background.add(task)  # held until done, so it is not collected mid-flight
+        task.add_done_callback(self._background.discard)
 
     # ---- running a call ------------------------------------------------------------
     async def _run(self, call: Call) -> None:
@@ -223,6 +232,7 @@ class Executor:
             var.push(tail)
         left = sampling.max_tokens - len(progress.ids)
         if left <= 0:
+            call.finish_reason = "length"
             return
         objective = objective_of(call.criterion)
         request = GenerateRequest(
@@ -233,22 +243,28 @@ class Executor:
             priority=call.priority,
             group_id=call.group,
         )
-        call.request_id = request.request_id
+        call.request_id, call.objective = request.request_id, objective
         last = None
-        with self.scheduler.running(handle, objective, request.prompt_token_ids):
+        self.scheduler.begin(handle, objective, request.prompt_token_ids)
+        try:
             async with contextlib.aclosing(engine.generate(request)) as stream:
                 async for out in stream:
                     if out.error:
                         raise CallFailed(out.error)
                     progress.text += out.text
                     progress.ids += out.token_ids
+                    call.output_tokens += len(out.token_ids)
                     if out.text:
                         var.push(out.text)
                     last = out
+        finally:
+            self.scheduler.end(handle, call.objective)  # a fetch may have changed it meanwhile
+            call.objective = None
         if last is None or last.finish_reason == "abort":
             raise CallFailed("the generation was aborted")
         if not call.prompt_tokens:
             call.prompt_tokens, call.cached_tokens = last.num_prompt_tokens, last.num_cached_tokens
+        call.finish_reason = last.finish_reason  # before the output is set, so readers see it with the value
         self.scheduler.sent(handle, context + progress.ids)  # the output is cached there too
 
     @staticmethod

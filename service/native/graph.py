@@ -81,8 +81,11 @@ class Call:
     task: asyncio.Task | None = None
     request_id: str | None = None  # the engine request in flight, if any
     engine_id: str | None = None  # the engine the call runs (or ran) on
+    objective: str | None = None  # what its engine request in flight runs as
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    output_tokens: int = 0  # generated over all its outputs, stop tokens included (as OpenAI counts)
+    finish_reason: Literal["stop", "length"] | None = None  # of its last output
     messages: list[MessageDecl] | None = None  # a chat call's prompt, instead of segments
     reply: OutputSegment | None = None  # a chat call's one output
 

@@ -96,8 +96,16 @@ class SessionManager:
     def submit(self, graph: GraphSubmit) -> list[str]:
         session = self.get(graph.session_id)
         self.executor.check(graph.calls)
+        declared = {v.id for v in graph.variables}
+        for fetch in graph.fetches:  # an unknown id is refused before anything is added
+            if fetch.var not in declared:
+                session.graph.variable(fetch.var)
         calls = session.graph.add(graph)
         assign_task_groups(calls)
+        for fetch in graph.fetches:  # before the new calls launch, so each is placed for its objective
+            for call in apply_fetch(session.graph.variable(fetch.var), fetch.criterion):
+                if call.state == "running":  # from an earlier submission
+                    self.executor.reprioritize_soon(call)
         self.executor.calls_added(calls)
         return [c.id for c in calls]
 
@@ -158,4 +166,5 @@ def _call_info(c: Call) -> CallInfo:
         criterion=c.criterion, priority=c.priority, group=c.group, error=c.error,
         timings=CallTimings(created=c.created, started=c.started, finished=c.finished),
         prompt_tokens=c.prompt_tokens, cached_tokens=c.cached_tokens, engine=c.engine_id,
+        output_tokens=c.output_tokens, finish_reason=c.finish_reason,
     )

@@ -273,11 +273,11 @@ def test_service_errors_carry_the_service_message():
 def test_batches_are_posted_in_order_and_refusals_reach_their_variables():
     posted: list[list[str]] = []
 
-    async def post(variables, calls):
+    async def post(variables, calls, fetches):
         await asyncio.sleep(0.05)  # while this batch is in flight, later calls queue up
         if any(v.id == "bad" for v in variables):
             raise P.ParrotError("refused: bad")
-        posted.append([v.id for v in variables] + [c.id for c in calls])
+        posted.append([v.id for v in variables] + [c.id for c in calls] + [f.var for f in fetches])
 
     def call(i: int) -> CallDecl:
         return CallDecl(id=f"c{i}", segments=[{"type": "output", "var": f"v{i}"}])
@@ -296,6 +296,10 @@ def test_batches_are_posted_in_order_and_refusals_reach_their_variables():
         batcher.add([VariableDecl(id="v3")], [call(3)])
         loop.run_sync(batcher.flush())
         assert batcher.is_declared("v3") and not batcher.is_declared("nope")
+        batcher.add([VariableDecl(id="v4")], [call(4)])
+        batcher.announce("v4", P.LATENCY)  # rides along with its batch
+        loop.run_sync(batcher.wait_posted("v4", timeout=5))
+        batcher.announce("v4", P.LATENCY)  # posted already: not again
     finally:
         loop.stop()
-    assert posted == [["v0", "v1", "c0", "c1"], ["v3", "c3"]]
+    assert posted == [["v0", "v1", "c0", "c1"], ["v3", "c3"], ["v4", "c4", "v4"]]

@@ -28,6 +28,15 @@ def test_latency_work_goes_where_the_least_latency_work_runs(engines):
     assert scheduler.place(engines, [1, 2, 3], "latency") is b
 
 
+def test_first_latency_call_goes_to_the_least_loaded(engines):
+    a, b, c = engines
+    scheduler = GlobalScheduler()
+    busy(scheduler, a, "throughput", 3)
+    busy(scheduler, b, "throughput", 1)
+    busy(scheduler, c, "throughput", 2)
+    assert scheduler.place(engines, [1, 2, 3], "latency") is b
+
+
 def test_throughput_work_goes_to_the_least_loaded_beyond_the_slack(engines):
     a, b, c = engines
     scheduler = GlobalScheduler(balance_slack=2)
@@ -74,8 +83,10 @@ def test_a_task_group_stays_together_and_forgets_a_dead_engine(engines):
 def test_in_flight_counts_return_to_zero(engines):
     a = engines[0]
     scheduler = GlobalScheduler()
-    with scheduler.running(a, "latency", [1, 2]):
-        assert scheduler.stats[a.id].latency == 1
+    scheduler.begin(a, "throughput", [1, 2])
+    scheduler.retarget(a, "throughput", "latency")  # its result was fetched for latency
+    assert (scheduler.stats[a.id].latency, scheduler.stats[a.id].throughput) == (1, 0)
+    scheduler.end(a, "latency")
     scheduler.end(engines[1], "latency")  # an engine never counted: ignored
     assert scheduler.stats[a.id].total == 0
 

@@ -116,6 +116,29 @@ def test_latency_fetch_flows_back_with_critical_path_priorities_and_groups(nativ
     assert native.call("unrelated")["criterion"] == "throughput"
 
 
+def test_fetches_announced_with_the_graph_set_the_objective_before_calls_run(native, server):
+    def running_load():
+        deadline = time.monotonic() + 10
+        while (load := server.engine.load()).num_running == 0:
+            assert time.monotonic() < deadline, "the call never started"
+            time.sleep(0.005)
+        return load
+
+    native.http.post("/v1/graphs", json={
+        "session_id": native.sid, "variables": [{"id": "chat"}],
+        "calls": [{"id": "answer", "segments": [text("Q: hi A:"), out("chat", 64)]}],
+        "fetches": [{"var": "chat", "criterion": "latency"}]}).raise_for_status()
+    assert running_load().num_latency == 1  # placed and run as latency work, before any GET
+    assert native.call("answer")["criterion"] == "latency"
+    native.get("chat")
+    native.submit(variables=[{"id": "bulk"}], calls=[{"id": "b", "segments": [text("Q:"), out("bulk", 64)]}])
+    assert running_load().num_latency == 0  # nobody announced a fetch: throughput work
+    r = native.http.post("/v1/graphs", json={"session_id": native.sid, "variables": [{"id": "x"}],
+                                             "fetches": [{"var": "nope", "criterion": "latency"}]})
+    assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+    assert native.get("x", timeout=0.1, expect=404)  # nothing of the refused graph was added
+
+
 def test_several_outputs_fill_and_generate_in_one_sequence(native, server):
     native.submit(
         variables=[{"id": "x"}, {"id": "y"}],
