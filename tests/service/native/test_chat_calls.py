@@ -120,6 +120,32 @@ def test_chat_calls_consume_other_calls_outputs_with_edges_and_objectives(native
     assert calls["more"]["prompt_tokens"] == resp.usage.prompt_tokens
 
 
+def test_call_info_counts_output_tokens_and_says_why_the_output_ended(native, server):
+    messages = [msg("user", text("Count to ten."))]
+    native.submit(variables=[{"id": "full"}], calls=[chat_call("full", messages, "full", max_tokens=10)])
+    value = native.get("full")["value"]
+    assert (native.call("full")["output_tokens"], native.call("full")["finish_reason"]) == (10, "length")
+
+    stop = value[len(value) // 2:][:2]  # appears in the greedy output: generation stops there
+    native.submit(variables=[{"id": "cut"}],
+                  calls=[{"id": "cut", "messages": messages, "output": out("cut", 10, stop=[stop])}])
+    cut = native.get("cut")["value"]
+    info = native.call("cut")
+    resp = server.client().chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": "Count to ten."}], temperature=0,
+        max_tokens=10, stop=[stop], extra_body={"ignore_eos": True})
+    assert resp.choices[0].message.content == cut
+    assert info["finish_reason"] == resp.choices[0].finish_reason == "stop"
+    assert info["output_tokens"] == resp.usage.completion_tokens
+    assert info["prompt_tokens"] == resp.usage.prompt_tokens
+
+    # A template call's outputs all count.
+    native.submit(variables=[{"id": "x"}, {"id": "y"}],
+                  calls=[{"id": "two", "segments": [text("A:"), out("x", 3), text(" B:"), out("y", 4)]}])
+    native.get("y")
+    assert (native.call("two")["output_tokens"], native.call("two")["finish_reason"]) == (7, "length")
+
+
 def test_developer_is_system_and_the_templates_default_system_prompt_applies(native, server):
     native.submit(
         variables=[{"id": "d"}, {"id": "s"}, {"id": "none"}],
