@@ -56,6 +56,7 @@ choosing a model other than the service's default per call.
 """
 
 from parrot.integrations.langchain.chat_models import ChatParrot
+from parrot.integrations.langchain.compiler import compile
 from parrot.integrations.langchain.llms import ParrotLLM
 
-__all__ = ["ChatParrot", "ParrotLLM"]
+__all__ = ["ChatParrot", "ParrotLLM", "compile"]

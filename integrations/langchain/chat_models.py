@@ -8,6 +8,7 @@ all their calls as one graph first (``batching``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -38,7 +40,8 @@ from parrot.integrations.langchain.constrained import (
     tool_definitions,
     with_instructions,
 )
-from parrot.integrations.langchain.messages import to_chat_messages
+from parrot.integrations.langchain.deferred import DeferredScope, current_scope
+from parrot.integrations.langchain.messages import TextSplitter, to_chat_messages
 from parrot.integrations.langchain.replies import achunks, ai_message, chunks, last_chunk
 from parrot.schemas import SamplingConfig
 from parrot.sdk import PreparedCall
@@ -102,7 +105,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
     # -- requests --------------------------------------------------------------------------
 
     def chat_request(self, messages: Sequence[BaseMessage], stop: list[str] | None,
-                     kwargs: dict[str, Any]) -> ChatRequest:
+                     kwargs: dict[str, Any], split: TextSplitter | None = None) -> ChatRequest:
         """The call an invocation makes; per-call keywords override the fields.
 
         Keywords: ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``,
@@ -126,7 +129,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
         if not tools and tool_choice not in (None, False, "auto", "none"):
             raise ValueError(f"tool_choice {tool_choice!r} needs tools: bind them with bind_tools")
         tool_use = ToolUse.of(tools, tool_choice) if tools else None
-        chat = to_chat_messages(messages)
+        chat = to_chat_messages(messages, split=split)
         if tool_use is not None:
             if schema is not None:
                 raise ValueError("bind either tools or a structured output schema, not both")
@@ -138,6 +141,9 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        scope = current_scope()
+        if scope is not None:
+            return self._in_scope(scope, messages, stop, kwargs)
         request = self.chat_request(messages, stop, kwargs)
         model_name, result = self._run(request)
         return ChatResult(generations=[ChatGeneration(message=ai_message(result, model_name, request.tools))])
@@ -145,6 +151,9 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
+        scope = current_scope()
+        if scope is not None:
+            return await self._ain_scope(scope, messages, stop, kwargs)
         request = self.chat_request(messages, stop, kwargs)
         model_name, result = await self._arun(request)
         return ChatResult(generations=[ChatGeneration(message=ai_message(result, model_name, request.tools))])
@@ -152,6 +161,10 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        scope = current_scope()
+        if scope is not None:
+            yield _as_chunk(self._in_scope(scope, messages, stop, kwargs))
+            return
         request = self.chat_request(messages, stop, kwargs)
         if request.tools is not None:  # a tool call is known once complete: one chunk
             model_name, result = self._run(request)
@@ -171,6 +184,10 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        scope = current_scope()
+        if scope is not None:
+            yield _as_chunk(await self._ain_scope(scope, messages, stop, kwargs))
+            return
         request = self.chat_request(messages, stop, kwargs)
         if request.tools is not None:
             model_name, result = await self._arun(request)
@@ -188,6 +205,33 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
             submit(vm, [call])
             async for chunk in achunks(astream(vm, call), model_name):
                 yield chunk
+
+    # -- inside a compiled chain (see compiler.py): the chain's session, replies deferred --------
+
+    def _in_scope(self, scope: DeferredScope, messages: list[BaseMessage], stop: list[str] | None,
+                  kwargs: dict[str, Any]) -> ChatResult:
+        request, call = self._submit_in_scope(scope, messages, stop, kwargs)
+        if request.tools is None:
+            return _deferred(scope, call)
+        [result] = wait(scope.vm, [call], perf=scope.criterion, timeout=self.timeout)  # a parser reads it
+        return ChatResult(generations=[ChatGeneration(message=ai_message(_ok(result), scope.model_name,
+                                                                         request.tools))])
+
+    async def _ain_scope(self, scope: DeferredScope, messages: list[BaseMessage], stop: list[str] | None,
+                         kwargs: dict[str, Any]) -> ChatResult:
+        request, call = self._submit_in_scope(scope, messages, stop, kwargs)
+        if request.tools is None:
+            return _deferred(scope, call)
+        [result] = await await_all(scope.vm, [call], perf=scope.criterion, timeout=self.timeout)
+        return ChatResult(generations=[ChatGeneration(message=ai_message(_ok(result), scope.model_name,
+                                                                         request.tools))])
+
+    def _submit_in_scope(self, scope: DeferredScope, messages: list[BaseMessage], stop: list[str] | None,
+                         kwargs: dict[str, Any]) -> tuple[ChatRequest, PreparedCall]:
+        request = self.chat_request(messages, stop, kwargs, split=scope.split)
+        call = request.prepare()
+        submit(scope.vm, [call])
+        return request, call
 
     def _run(self, request: ChatRequest) -> tuple[str, CallOutcome]:
         """Submit the request's call (or claim it from a running batch) and wait for it."""
@@ -223,7 +267,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
         """Run the inputs as one graph in one session; each input keeps its own config and
         callbacks. ``max_concurrency`` only bounds how many inputs wait at once: the service
         runs every call of the batch as it schedules them."""
-        requests = self._batch_requests(inputs, kwargs)
+        requests = [] if current_scope() else self._batch_requests(inputs, kwargs)  # a scope defers each
         with ExitStack() as stack:
             if len(requests) >= 2:
                 try:
@@ -240,7 +284,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
                      config: RunnableConfig | list[RunnableConfig] | None = None, *,
                      return_exceptions: bool = False, **kwargs: Any) -> list[AIMessage]:  # type: ignore[override]
         """``batch`` for async code."""
-        requests = self._batch_requests(inputs, kwargs)
+        requests = [] if current_scope() else self._batch_requests(inputs, kwargs)
         async with AsyncExitStack() as stack:
             if len(requests) >= 2:
                 try:
@@ -331,6 +375,23 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
 
 
 # -------------------------------------------------------------------------------------------------
+
+def _deferred(scope: DeferredScope, call: PreparedCall) -> ChatResult:
+    """A reply that stands for the call's output variable until someone reads it."""
+    [reply] = call.outputs
+    return ChatResult(generations=[ChatGeneration(message=AIMessage(content=scope.defer(reply)))])
+
+
+def _as_chunk(result: ChatResult) -> ChatGenerationChunk:
+    """A whole reply as a stream's one chunk."""
+    message = result.generations[0].message
+    assert isinstance(message, AIMessage)
+    calls = [tool_call_chunk(name=c["name"], args=json.dumps(c["args"], ensure_ascii=False), id=c["id"],
+                             index=i) for i, c in enumerate(message.tool_calls)]
+    return ChatGenerationChunk(message=AIMessageChunk(
+        content=message.content, tool_call_chunks=calls, usage_metadata=message.usage_metadata,
+        response_metadata=message.response_metadata, chunk_position="last"))
+
 
 def _ok(result: CallOutcome | ParrotError) -> CallOutcome:
     if isinstance(result, ParrotError):
