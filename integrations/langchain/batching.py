@@ -74,3 +74,9 @@ def claim(owner: object, key: str) -> tuple[SharedBatch, PreparedCall] | None:
         return None
     call = batch.take(key)
     return None if call is None else (batch, call)
+
+
+def claiming(owner: object) -> bool:
+    """Whether a batch of ``owner``'s is running here (its invocations claim their calls)."""
+    batch = _active.get()
+    return batch is not None and batch.owner is owner

@@ -31,6 +31,7 @@ import parrot as P
 from parrot.chat_call import prepare_chat
 from parrot.errors import ParrotError
 from parrot.integrations.langchain import batching
+from parrot.integrations.langchain.auto import tracker
 from parrot.integrations.langchain.base import ParrotModelFields
 from parrot.integrations.langchain.calls import CallOutcome, astream, await_all, stream, submit, wait
 from parrot.integrations.langchain.constrained import (
@@ -40,7 +41,7 @@ from parrot.integrations.langchain.constrained import (
     tool_definitions,
     with_instructions,
 )
-from parrot.integrations.langchain.deferred import DeferredScope, current_scope
+from parrot.integrations.langchain.deferred import DeferredScope, current_scope, has_placeholder
 from parrot.integrations.langchain.messages import TextSplitter, to_chat_messages
 from parrot.integrations.langchain.replies import achunks, ai_message, chunks, last_chunk
 from parrot.schemas import SamplingConfig
@@ -141,9 +142,9 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        scope = current_scope()
-        if scope is not None:
-            return self._in_scope(scope, messages, stop, kwargs)
+        found = None if batching.claiming(self) else _scope_of(run_manager)
+        if found is not None:
+            return self._in_scope(*found, messages, stop, kwargs)
         request = self.chat_request(messages, stop, kwargs)
         model_name, result = self._run(request)
         return ChatResult(generations=[ChatGeneration(message=ai_message(result, model_name, request.tools))])
@@ -151,9 +152,9 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        scope = current_scope()
-        if scope is not None:
-            return await self._ain_scope(scope, messages, stop, kwargs)
+        found = None if batching.claiming(self) else _scope_of(run_manager)
+        if found is not None:
+            return await self._ain_scope(*found, messages, stop, kwargs)
         request = self.chat_request(messages, stop, kwargs)
         model_name, result = await self._arun(request)
         return ChatResult(generations=[ChatGeneration(message=ai_message(result, model_name, request.tools))])
@@ -161,9 +162,14 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        scope = current_scope()
-        if scope is not None:
-            yield _as_chunk(self._in_scope(scope, messages, stop, kwargs))
+        found = None if batching.claiming(self) else _scope_of(run_manager)
+        if found is not None:
+            scope, defer = found
+            request, call = self._submit_in_scope(scope, messages, stop, kwargs)
+            if defer or request.tools is not None:
+                yield _as_chunk(self._reply_in_scope(scope, defer, request, call))
+            else:  # the chain's answer: streamed as it generates
+                yield from chunks(stream(scope.vm, call, perf=P.TTFT), scope.model_name)
             return
         request = self.chat_request(messages, stop, kwargs)
         if request.tools is not None:  # a tool call is known once complete: one chunk
@@ -184,9 +190,15 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        scope = current_scope()
-        if scope is not None:
-            yield _as_chunk(await self._ain_scope(scope, messages, stop, kwargs))
+        found = None if batching.claiming(self) else _scope_of(run_manager)
+        if found is not None:
+            scope, defer = found
+            request, call = self._submit_in_scope(scope, messages, stop, kwargs)
+            if defer or request.tools is not None:
+                yield _as_chunk(await self._areply_in_scope(scope, defer, request, call))
+            else:
+                async for chunk in achunks(astream(scope.vm, call, perf=P.TTFT), scope.model_name):
+                    yield chunk
             return
         request = self.chat_request(messages, stop, kwargs)
         if request.tools is not None:
@@ -208,19 +220,27 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
 
     # -- inside a compiled chain (see compiler.py): the chain's session, replies deferred --------
 
-    def _in_scope(self, scope: DeferredScope, messages: list[BaseMessage], stop: list[str] | None,
-                  kwargs: dict[str, Any]) -> ChatResult:
+    def _in_scope(self, scope: DeferredScope, defer: bool, messages: list[BaseMessage],
+                  stop: list[str] | None, kwargs: dict[str, Any]) -> ChatResult:
         request, call = self._submit_in_scope(scope, messages, stop, kwargs)
-        if request.tools is None:
+        return self._reply_in_scope(scope, defer, request, call)
+
+    async def _ain_scope(self, scope: DeferredScope, defer: bool, messages: list[BaseMessage],
+                         stop: list[str] | None, kwargs: dict[str, Any]) -> ChatResult:
+        request, call = self._submit_in_scope(scope, messages, stop, kwargs)
+        return await self._areply_in_scope(scope, defer, request, call)
+
+    def _reply_in_scope(self, scope: DeferredScope, defer: bool, request: ChatRequest,
+                        call: PreparedCall) -> ChatResult:
+        if defer and request.tools is None:
             return _deferred(scope, call)
-        [result] = wait(scope.vm, [call], perf=scope.criterion, timeout=self.timeout)  # a parser reads it
+        [result] = wait(scope.vm, [call], perf=scope.criterion, timeout=self.timeout)  # a step reads it
         return ChatResult(generations=[ChatGeneration(message=ai_message(_ok(result), scope.model_name,
                                                                          request.tools))])
 
-    async def _ain_scope(self, scope: DeferredScope, messages: list[BaseMessage], stop: list[str] | None,
-                         kwargs: dict[str, Any]) -> ChatResult:
-        request, call = self._submit_in_scope(scope, messages, stop, kwargs)
-        if request.tools is None:
+    async def _areply_in_scope(self, scope: DeferredScope, defer: bool, request: ChatRequest,
+                               call: PreparedCall) -> ChatResult:
+        if defer and request.tools is None:
             return _deferred(scope, call)
         [result] = await await_all(scope.vm, [call], perf=scope.criterion, timeout=self.timeout)
         return ChatResult(generations=[ChatGeneration(message=ai_message(_ok(result), scope.model_name,
@@ -267,7 +287,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
         """Run the inputs as one graph in one session; each input keeps its own config and
         callbacks. ``max_concurrency`` only bounds how many inputs wait at once: the service
         runs every call of the batch as it schedules them."""
-        requests = [] if current_scope() else self._batch_requests(inputs, kwargs)  # a scope defers each
+        requests = [] if _in_followed_chain(inputs) else self._batch_requests(inputs, kwargs)
         with ExitStack() as stack:
             if len(requests) >= 2:
                 try:
@@ -284,7 +304,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
                      config: RunnableConfig | list[RunnableConfig] | None = None, *,
                      return_exceptions: bool = False, **kwargs: Any) -> list[AIMessage]:  # type: ignore[override]
         """``batch`` for async code."""
-        requests = [] if current_scope() else self._batch_requests(inputs, kwargs)
+        requests = [] if _in_followed_chain(inputs) else self._batch_requests(inputs, kwargs)
         async with AsyncExitStack() as stack:
             if len(requests) >= 2:
                 try:
@@ -375,6 +395,25 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
 
 
 # -------------------------------------------------------------------------------------------------
+
+def _scope_of(run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
+              ) -> tuple[DeferredScope, bool] | None:
+    """The chain run's session this call joins, and whether its reply may be deferred: a
+    compiled chain defers every reply; a followed chain (see auto.py) only those that flow
+    into other calls."""
+    scope = current_scope()
+    if scope is not None:
+        return scope, True
+    if run_manager is None:
+        return None
+    return tracker().scope_for(run_manager.run_id, run_manager.parent_run_id, run_manager.tags)
+
+
+def _in_followed_chain(inputs: Sequence[Any]) -> bool:
+    """Whether a batch's inputs hold deferred replies: then each input joins its chain run's
+    session instead of the batch's own."""
+    return current_scope() is not None or has_placeholder(list(inputs))
+
 
 def _deferred(scope: DeferredScope, call: PreparedCall) -> ChatResult:
     """A reply that stands for the call's output variable until someone reads it."""
