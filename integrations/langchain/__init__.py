@@ -16,6 +16,12 @@ each input still runs through LangChain's own invoke path (its config, callbacks
 calls the service runs at once. ``ParrotLLM`` gets a batch's prompts in one
 ``_generate`` and submits them the same way.
 
+Chains: when an LCEL chain that uses ``ChatParrot`` runs, a reply that only flows into
+other ``ChatParrot`` calls through verbatim steps is sent ahead as a placeholder, so its
+consumers' calls reach the service at once, as one graph with edges (``auto.py``);
+``compile(chain)`` defers every reply and resolves placeholders before any step that reads
+text (``compiler.py``). Either way the chain's result is the one it gives without Parrot.
+
 Fields (both models): ``base_url`` (env ``PARROT_BASE_URL``; ``None`` embeds the
 service), ``model`` / ``model_name`` (``None``: the service's default; native calls
 run on that model only), ``api_key`` (env ``PARROT_API_KEY``), ``temperature`` (``None``
