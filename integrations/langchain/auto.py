@@ -143,13 +143,14 @@ class ChainTracker(BaseCallbackHandler):
     def follows(self, run_id: UUID | None) -> bool:
         return run_id is not None and run_id in self._runs
 
-    def scope_for(self, run_id: UUID | None, parent_run_id: UUID | None,
+    def scope_for(self, model: Any, parent_run_id: UUID | None,
                   tags: list[str] | None) -> tuple[DeferredScope, bool] | None:
-        """The session of the chain run this model call belongs to (opened on first use), and
-        whether its reply may be deferred; None outside a followed chain run."""
+        """The session of the chain run ``model``'s call belongs to (opened on first use), and
+        whether its reply may be deferred; None outside a followed chain run, or for a model of
+        another service than the run's."""
         parent = self._runs.get(parent_run_id) if parent_run_id is not None else None
         root = self._roots.get(parent.root) if parent is not None else None
-        if parent is None or root is None:
+        if parent is None or root is None or model.base_url != root.model.base_url:
             return None
         position = next((t for t in tags or () if _POSITION.match(t)), None)
         path = [position]
@@ -157,7 +158,7 @@ class ChainTracker(BaseCallbackHandler):
         while run is not None and run.parent is not None:
             path.append(run.position)
             run = self._runs.get(run.parent)
-        defer = may_defer(root.runnable, list(reversed(path)))
+        defer = may_defer(root.runnable, list(reversed(path)), root.model.base_url)
         with root.lock:
             if root.scope is None:
                 vm, model_name = root.exits.enter_context(root.model.session())
@@ -204,9 +205,9 @@ def _child_node(node: Any, position: str | None) -> Any:
     return None
 
 
-def may_defer(root: Runnable, path: list[str | None]) -> bool:
+def may_defer(root: Runnable, path: list[str | None], service: str | None) -> bool:
     """Whether the reply of the model at ``path`` (positions from the root) only reaches other
-    Parrot chat calls, through steps that carry it verbatim."""
+    Parrot chat calls of ``service``, through steps that carry it verbatim."""
     from parrot.integrations.langchain.chat_models import ChatParrot
 
     nodes = [root]
@@ -223,7 +224,7 @@ def may_defer(root: Runnable, path: list[str | None]) -> bool:
         parent, position = _unwrap(nodes[depth - 1]), path[depth - 1]
         if isinstance(parent, RunnableSequence):
             index = int(str(position).rsplit(":", 1)[1])
-            verdict = _flow(parent.steps[index:], loc, kind)
+            verdict = _flow(parent.steps[index:], loc, kind, service)
             if verdict is True or verdict is False:
                 return verdict
             loc, kind = verdict
@@ -239,7 +240,7 @@ def may_defer(root: Runnable, path: list[str | None]) -> bool:
 Verdict = bool | tuple[list[str], str]
 
 
-def _flow(steps: list[Any], loc: list[str], kind: str) -> Verdict:
+def _flow(steps: list[Any], loc: list[str], kind: str, service: str | None) -> Verdict:
     """Follow the reply (at ``loc``, a ``kind``) through ``steps``: True once a Parrot call
     consumes it or it is dropped, False once a step may read it, else where it ends up."""
     from parrot.integrations.langchain.chat_models import ChatParrot
@@ -248,7 +249,7 @@ def _flow(steps: list[Any], loc: list[str], kind: str) -> Verdict:
     for step in steps:
         step = _unwrap(step)
         if isinstance(step, ChatParrot):
-            return not loc and kind in ("str", "prompt", "message")
+            return not loc and kind in ("str", "prompt", "message") and step.base_url == service
         if kind == "prompt":
             return False  # a prompt value goes anywhere but a model: it may be read
         if isinstance(step, StrOutputParser):
@@ -278,7 +279,7 @@ def _flow(steps: list[Any], loc: list[str], kind: str) -> Verdict:
             branches = step.mapper.steps__ if isinstance(step, RunnableAssign) else step.steps__
             carried = []
             for key, branch in branches.items():
-                verdict = _flow([branch], loc, kind)
+                verdict = _flow([branch], loc, kind, service)
                 if verdict is False:
                     return False
                 if verdict is not True:
@@ -291,7 +292,7 @@ def _flow(steps: list[Any], loc: list[str], kind: str) -> Verdict:
                 return False  # copies down several paths: kept simple, read for real
             loc = carried[0]
         elif isinstance(step, RunnableSequence):
-            verdict = _flow(list(step.steps), loc, kind)
+            verdict = _flow(list(step.steps), loc, kind, service)
             if verdict is True or verdict is False:
                 return verdict
             loc, kind = verdict

@@ -142,7 +142,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        found = None if batching.claiming(self) else _scope_of(run_manager)
+        found = None if batching.claiming(self) else _scope_of(self, run_manager)
         if found is not None:
             return self._in_scope(*found, messages, stop, kwargs)
         request = self.chat_request(messages, stop, kwargs)
@@ -152,7 +152,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        found = None if batching.claiming(self) else _scope_of(run_manager)
+        found = None if batching.claiming(self) else _scope_of(self, run_manager)
         if found is not None:
             return await self._ain_scope(*found, messages, stop, kwargs)
         request = self.chat_request(messages, stop, kwargs)
@@ -162,7 +162,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        found = None if batching.claiming(self) else _scope_of(run_manager)
+        found = None if batching.claiming(self) else _scope_of(self, run_manager)
         if found is not None:
             scope, defer = found
             request, call = self._submit_in_scope(scope, messages, stop, kwargs)
@@ -190,7 +190,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        found = None if batching.claiming(self) else _scope_of(run_manager)
+        found = None if batching.claiming(self) else _scope_of(self, run_manager)
         if found is not None:
             scope, defer = found
             request, call = self._submit_in_scope(scope, messages, stop, kwargs)
@@ -396,7 +396,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
 
 # -------------------------------------------------------------------------------------------------
 
-def _scope_of(run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
+def _scope_of(model: ChatParrot, run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
               ) -> tuple[DeferredScope, bool] | None:
     """The chain run's session this call joins, and whether its reply may be deferred: a
     compiled chain defers every reply; a followed chain (see auto.py) only those that flow
@@ -406,7 +406,7 @@ def _scope_of(run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLM
         return scope, True
     if run_manager is None:
         return None
-    return tracker().scope_for(run_manager.run_id, run_manager.parent_run_id, run_manager.tags)
+    return tracker().scope_for(model, run_manager.parent_run_id, run_manager.tags)
 
 
 def _in_followed_chain(inputs: Sequence[Any]) -> bool:

@@ -92,3 +92,15 @@ def test_batch_of_a_chain_equals_chatopenai(service, models):
     parrot, openai = models
     values = [{"animal": a} for a in ("owl", "fox", "eel")]
     assert two_steps(parrot).batch(values) == two_steps(openai).batch(values)
+
+
+def test_a_reply_for_a_model_of_another_service_is_waited_for(service, models):
+    parrot, openai = models
+    other = ChatParrot(base_url=service.url.replace("127.0.0.1", "localhost"), temperature=0, max_tokens=6)
+    chain = (ask("Name a {animal}.") | parrot | StrOutputParser()
+             | ask("Describe: {name}") | other | StrOutputParser())
+    expected = two_steps(openai).invoke({"animal": "bee"})
+    service.start_recording()
+    assert chain.invoke({"animal": "bee"}) == expected
+    calls = [c for r in service.requests("POST", "/v1/graphs") for c in r.body["calls"]]
+    assert [inputs(c) for c in calls] == [[], []]  # the second prompt carries the real text
