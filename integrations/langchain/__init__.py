@@ -22,6 +22,12 @@ consumers' calls reach the service at once, as one graph with edges (``auto.py``
 ``compile(chain)`` defers every reply and resolves placeholders before any step that reads
 text (``compiler.py``). Either way the chain's result is the one it gives without Parrot.
 
+LangGraph: the ``ChatParrot`` calls that the tasks of one superstep make in parallel (the
+nodes of a step, a ``Send`` fan-out) share that step's session and reach the service as
+one graph submission; each call waits for its reply only once the step's calls have
+gathered (a few tens of milliseconds, at most 0.2 s; ``langgraph.py``). Calls outside
+LangGraph are not held back.
+
 Fields (both models): ``base_url`` (env ``PARROT_BASE_URL``; ``None`` embeds the
 service), ``model`` / ``model_name`` (``None``: the service's default; native calls
 run on that model only), ``api_key`` (env ``PARROT_API_KEY``), ``temperature`` (``None``

@@ -2,8 +2,9 @@
 
 Every invocation (``_generate``, ``_agenerate``, ``_stream``, ``_astream``) builds one
 chat call from the messages (``to_chat_messages``, then ``prepare_chat``), submits it
-in a Parrot session and waits for its reply (``calls``); ``batch`` / ``abatch`` submit
-all their calls as one graph first (``batching``).
+in a Parrot session (its own, or inside a LangGraph step the step's: ``langgraph``) and
+waits for its reply (``calls``); ``batch`` / ``abatch`` submit all their calls as one
+graph first (``batching``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from parrot.integrations.langchain.constrained import (
     with_instructions,
 )
 from parrot.integrations.langchain.deferred import DeferredScope, current_scope, has_placeholder
+from parrot.integrations.langchain.langgraph import astep_session, step_session
 from parrot.integrations.langchain.messages import TextSplitter, to_chat_messages
 from parrot.integrations.langchain.replies import achunks, ai_message, chunks, last_chunk
 from parrot.schemas import SamplingConfig
@@ -182,9 +184,10 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
             items = stream(shared.vm, call, perf=P.THROUGHPUT, infos=shared.infos)
             yield from chunks(items, shared.model_name)
             return
-        with self.session(request.model) as (vm, model_name):
+        with step_session(self, request.model) as (vm, model_name, gathered):  # a LangGraph step's or its own
             call = request.prepare()
             submit(vm, [call])
+            gathered()
             yield from chunks(stream(vm, call), model_name)
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -212,9 +215,10 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
                                        shared.model_name):
                 yield chunk
             return
-        async with self.asession(request.model) as (vm, model_name):
+        async with astep_session(self, request.model) as (vm, model_name, gathered):
             call = request.prepare()
             submit(vm, [call])
+            await gathered()
             async for chunk in achunks(astream(vm, call), model_name):
                 yield chunk
 
@@ -260,9 +264,10 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
             shared, call = claimed
             [result] = wait(shared.vm, [call], perf=P.THROUGHPUT, timeout=self.timeout, infos=shared.infos)
             return shared.model_name, _ok(result)
-        with self.session(request.model) as (vm, model_name):
+        with step_session(self, request.model) as (vm, model_name, gathered):  # a LangGraph step's or its own
             call = request.prepare()
             submit(vm, [call])
+            gathered()
             [result] = wait(vm, [call], perf=P.LATENCY, timeout=self.timeout)
             return model_name, _ok(result)
 
@@ -273,9 +278,10 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
             [result] = await await_all(shared.vm, [call], perf=P.THROUGHPUT, timeout=self.timeout,
                                        infos=shared.infos)
             return shared.model_name, _ok(result)
-        async with self.asession(request.model) as (vm, model_name):
+        async with astep_session(self, request.model) as (vm, model_name, gathered):
             call = request.prepare()
             submit(vm, [call])
+            await gathered()
             [result] = await await_all(vm, [call], perf=P.LATENCY, timeout=self.timeout)
             return model_name, _ok(result)
 
