@@ -168,3 +168,18 @@ async def test_a_call_that_times_out_is_reported_and_its_step_session_closed(ser
     wait_until_closed(service, sessions_before)
     [(_, map_calls)] = posts(service)
     assert map_calls == len(TOPICS)  # the slow model's call went with the others
+
+
+
+@pytest.mark.parametrize("run", ["stream", "astream"])
+async def test_streamed_messages_of_a_fan_out_are_one_graph_too(service, llm, run):
+    expected = per_call(llm)
+    service.start_recording()
+    graph, state = map_reduce(llm), {"topics": TOPICS, "notes": []}
+    if run == "stream":
+        items = list(graph.stream(state, stream_mode="messages"))
+    else:
+        items = [item async for item in graph.astream(state, stream_mode="messages")]
+    summary = [chunk.content for chunk, meta in items if meta["langgraph_node"] == "summarize"]
+    assert len(summary) > 1 and "".join(summary) == expected[1]  # token by token, through _stream
+    assert [calls for _, calls in posts(service)] == [len(TOPICS), 1]
