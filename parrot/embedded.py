@@ -95,7 +95,9 @@ def _start_server(model: str | None) -> _EmbeddedServer:
     engine = BuiltinEngine(BuiltinEngineConfig(model=model))
     app = create_app(engine)
     # Bind first, so the port is ours before uvicorn starts (no race for a "free" port).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on connections whose socket
+    # says so, and without it every response on a kept-alive connection waits 40 ms for an ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))

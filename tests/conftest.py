@@ -64,7 +64,7 @@ def serve_in_thread(app) -> Iterator[str]:
 
     ``app`` may also be a function of the base URL that returns the app (an app that
     must know its own address, like an engine process registering with a service)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # NODELAY: embedded.py
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port meanwhile
     port = sock.getsockname()[1]
