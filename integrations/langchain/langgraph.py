@@ -231,6 +231,10 @@ def _open(step: _StepSession, model: ParrotModelFields, requested: str | None) -
         if not isinstance(exc, Exception):
             raise
     else:
+        with _lock:
+            gathering = step.gathering
+            if gathering is not None and not gathering.released:  # the members waited for the opening:
+                gathering.first = gathering.last = time.monotonic()  # the gathering starts now
         step.opened.set_result(opened)
 
 
