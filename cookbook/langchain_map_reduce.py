@@ -102,7 +102,8 @@ def timed(llm: BaseChatModel, chain: Runnable, reviews: list[str]) -> tuple[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running Parrot service (default: start one in this process)")
-    parser.add_argument("--reviews", type=int, default=len(REVIEWS), help="how many reviews to summarize")
+    # More reviews than LangChain's thread pool has workers (6 on 2 cores), as in real map steps.
+    parser.add_argument("--reviews", type=int, default=24, help="how many reviews to summarize (repeating)")
     parser.add_argument("--max-tokens", type=int, default=48, help="the longest summary or verdict")
     args = parser.parse_args()
     reviews = (REVIEWS * (args.reviews // len(REVIEWS) + 1))[:args.reviews]
