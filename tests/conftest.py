@@ -14,6 +14,7 @@ import torch
 import uvicorn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from parrot.service.engine.base import GenerateRequest
 from parrot.service.engine.builtin import loader
 from parrot.service.engine.builtin.engine import BuiltinEngine, BuiltinEngineConfig
 
@@ -90,3 +91,14 @@ def serve_in_thread(app) -> Iterator[str]:
 def serve_app():
     """``serve_app(app)``: a context manager serving any app on a free loopback port."""
     return serve_in_thread
+
+
+async def run_request(engine, ids, sampling, request_id=None):
+    """Collect a request's stream on ``engine``: (token ids, text, final output)."""
+    rid = request_id or engine.new_request_id()
+    tokens, text, last = [], "", None
+    async for out in engine.generate(GenerateRequest(rid, list(ids), sampling)):
+        tokens += out.token_ids
+        text += out.text
+        last = out
+    return tokens, text, last

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from parrot.service.engine.base import GenerateRequest, InvalidRequestError, SamplingParams
+from tests.conftest import run_request as run
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog because",
@@ -19,17 +20,6 @@ PROMPTS = [
 
 def greedy(n: int = 24, **kw) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0.0, **kw)
-
-
-async def run(engine, ids, sampling, request_id=None):
-    """Collect a request's stream: (token ids, text, final output)."""
-    rid = request_id or engine.new_request_id()
-    tokens, text, last = [], "", None
-    async for out in engine.generate(GenerateRequest(rid, list(ids), sampling)):
-        tokens += out.token_ids
-        text += out.text
-        last = out
-    return tokens, text, last
 
 
 def hf_greedy(hf, ids, n):

@@ -16,6 +16,7 @@ import torch
 from parrot.service.engine.base import GenerateRequest, InvalidRequestError, SamplingParams
 from parrot.service.engine.builtin.engine import BuiltinEngine, BuiltinEngineConfig
 from parrot.service.engine.builtin.sampler import apply_token_bitmask
+from tests.conftest import run_request as run
 
 PERSON = {
     "type": "object",
@@ -74,17 +75,6 @@ def check(value, schema: dict) -> None:
         assert isinstance(value, bool), value
     else:
         raise AssertionError(f"the checker does not know {kind!r}")
-
-
-async def run(engine, ids, sampling, request_id=None):
-    """Collect a request's stream: (token ids, text, final output)."""
-    rid = request_id or engine.new_request_id()
-    tokens, text, last = [], "", None
-    async for out in engine.generate(GenerateRequest(rid, list(ids), sampling)):
-        tokens += out.token_ids
-        text += out.text
-        last = out
-    return tokens, text, last
 
 
 def constrained(schema=PERSON, n: int = 200, **kw) -> SamplingParams:
