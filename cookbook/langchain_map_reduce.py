@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-import httpx
+from _services import served_model, service
 from langchain_core.language_models import BaseChatModel
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
@@ -71,25 +69,6 @@ def build_chain(llm: BaseChatModel) -> Runnable:
     summarize = MAP_PROMPT | llm | StrOutputParser()
     return (RunnableLambda(as_inputs) | summarize.map() | RunnableLambda(as_bullets) | REDUCE_PROMPT | llm
             | StrOutputParser())
-
-
-@contextmanager
-def service(url: str | None) -> Iterator[str]:
-    """The service one run uses: ``url``, or a fresh embedded one (an empty prefix cache, so
-    neither run finds the other's prompts already computed)."""
-    if url is not None:
-        yield url
-        return
-    from parrot.embedded import embedded_url, shutdown_embedded
-
-    try:
-        yield embedded_url()
-    finally:
-        shutdown_embedded()
-
-
-def served_model(url: str) -> str:
-    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
 
 
 def timed(llm: BaseChatModel, chain: Runnable, reviews: list[str]) -> tuple[str, float]:

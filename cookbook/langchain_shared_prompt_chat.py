@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-import httpx
+from _services import served_model, service
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
@@ -99,25 +97,6 @@ def turns(num_users: int) -> list[dict]:
             question = f"{question} (asking again for order {1000 + i})"
         inputs.append({"history": said, "question": question})
     return inputs
-
-
-@contextmanager
-def service(url: str | None) -> Iterator[str]:
-    """The service one run uses: ``url``, or a fresh embedded one (an empty prefix cache, so
-    neither run finds the other's prompts already computed)."""
-    if url is not None:
-        yield url
-        return
-    from parrot.embedded import embedded_url, shutdown_embedded
-
-    try:
-        yield embedded_url()
-    finally:
-        shutdown_embedded()
-
-
-def served_model(url: str) -> str:
-    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
 
 
 def run(llm: BaseChatModel, inputs: list[dict]) -> tuple[list[AIMessage], float]:

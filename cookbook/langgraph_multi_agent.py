@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import operator
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Annotated, Any, TypedDict
 
-import httpx
+from _services import served_model, service
 from langchain_core.language_models import BaseChatModel
 from langchain_openai import ChatOpenAI
 from langgraph.graph import END, START, StateGraph
@@ -113,25 +112,6 @@ def build_graph(llm: BaseChatModel) -> Any:
     builder.add_conditional_edges("next_round", to_specialists, ["advise", "writer"])
     builder.add_edge("writer", END)
     return builder.compile()
-
-
-@contextmanager
-def service(url: str | None) -> Iterator[str]:
-    """The service one run uses: ``url``, or a fresh embedded one (an empty prefix cache, so
-    neither run finds the other's prompts already computed)."""
-    if url is not None:
-        yield url
-        return
-    from parrot.embedded import embedded_url, shutdown_embedded
-
-    try:
-        yield embedded_url()
-    finally:
-        shutdown_embedded()
-
-
-def served_model(url: str) -> str:
-    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
 
 
 def run(llm: BaseChatModel, rounds: int) -> tuple[dict, float]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 COOKBOOK = Path(__file__).resolve().parents[2] / "cookbook"
-SCRIPTS = sorted(p.name for p in COOKBOOK.glob("*.py"))
+SCRIPTS = sorted(p.name for p in COOKBOOK.glob("*.py") if not p.name.startswith("_"))  # _x: helpers
 
 
 def test_the_cookbook_has_the_promised_recipes():
