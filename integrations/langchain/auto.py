@@ -105,7 +105,7 @@ class ChainTracker(BaseCallbackHandler):
     # ---- bookkeeping ----------------------------------------------------------------------
     def _start_root(self, run_id: UUID, criterion: P.Criterion) -> None:
         from parrot.integrations.langchain.chat_models import ChatParrot
-        from parrot.integrations.langchain.compiler import CompiledChain
+        from parrot.integrations.langchain.compiler import CompiledChain, _parrot_models
         from parrot.integrations.langchain.deferred import current_scope
 
         if current_scope() is not None:
@@ -113,7 +113,7 @@ class ChainTracker(BaseCallbackHandler):
         runnable = _caller_runnable()
         if runnable is None or isinstance(runnable, CompiledChain | ChatParrot):
             return
-        model = next(_chat_parrots(runnable), None)
+        model = next((m for m in _parrot_models(runnable) if isinstance(m, ChatParrot)), None)
         if model is None:
             return
         with self._lock:
@@ -176,12 +176,6 @@ def _caller_runnable() -> Runnable | None:
             return candidate
         frame = frame.f_back  # type: ignore[assignment]
     return None
-
-
-def _chat_parrots(node: Runnable) -> Any:
-    from parrot.integrations.langchain.compiler import _parrot_models
-
-    return (m for m in _parrot_models(node) if type(m).__name__ == "ChatParrot")
 
 
 # ---- where a reply flows ---------------------------------------------------------------------

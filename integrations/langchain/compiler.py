@@ -181,25 +181,26 @@ def _guarded(template: BasePromptTemplate) -> Runnable:
     """A template that inserts strings and messages verbatim: those keep their placeholders,
     any other value is resolved first."""
 
-    def split(value: Any) -> tuple[Any, dict[str, Any]]:
-        if not isinstance(value, dict):
-            return value, {}
-        later = {k: v for k, v in value.items() if not _inserted_verbatim(v) and has_placeholder(v)}
-        return value, later
+    def to_resolve(value: Any) -> Any:
+        """What of ``value`` the template would not insert as it is (None: nothing)."""
+        if isinstance(value, dict):
+            unsafe = {k: v for k, v in value.items() if not _inserted_verbatim(v) and has_placeholder(v)}
+            return unsafe or None
+        return None if isinstance(value, str) else value
+
+    def with_real(value: Any, real: Any) -> Any:
+        return value | real if isinstance(value, dict) else real
 
     def run(value: Any, config: RunnableConfig) -> Any:
-        scope = current_scope()
-        value, later = split(value)
-        if scope is not None and (later or not isinstance(value, dict | str)):
-            value = scope.resolve(value) if not isinstance(value, dict) else value | scope.resolve(later)
+        scope, part = current_scope(), to_resolve(value)
+        if scope is not None and part is not None:
+            value = with_real(value, scope.resolve(part))
         return template.invoke(value, config)
 
     async def arun(value: Any, config: RunnableConfig) -> Any:
-        scope = current_scope()
-        value, later = split(value)
-        if scope is not None and (later or not isinstance(value, dict | str)):
-            value = (await scope.aresolve(value) if not isinstance(value, dict)
-                     else value | await scope.aresolve(later))
+        scope, part = current_scope(), to_resolve(value)
+        if scope is not None and part is not None:
+            value = with_real(value, await scope.aresolve(part))
         return await template.ainvoke(value, config)
 
     return RunnableLambda(run, afunc=arun, name=template.get_name())

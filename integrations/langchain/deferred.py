@@ -26,7 +26,6 @@ from langchain_core.messages import BaseMessage
 from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
 
 import parrot as P
-from parrot.errors import ParrotError
 from parrot.variable import SemanticVariable
 
 _PLACEHOLDER = re.compile(r"⟦parrot:([0-9a-f]{32})⟧")
@@ -112,11 +111,6 @@ def deferred_scope(scope: DeferredScope) -> Iterator[DeferredScope]:
         _scope.reset(token)
 
 
-def resolve_if_deferred(value: Any) -> Any:
-    scope = current_scope()
-    return value if scope is None else scope.resolve(value)
-
-
 # ---- walking values -----------------------------------------------------------------------
 def _strings(value: Any) -> Iterator[str]:
     if isinstance(value, str):
@@ -159,10 +153,3 @@ def _substitute(value: Any, values: dict[str, str]) -> Any:
     if isinstance(value, tuple):
         return tuple(_substitute(v, values) for v in value)
     return value
-
-
-def require_scope() -> DeferredScope:
-    scope = current_scope()
-    if scope is None:
-        raise ParrotError("not inside a compiled chain run")
-    return scope
