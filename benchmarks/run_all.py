@@ -13,7 +13,7 @@ from rich.table import Table
 
 from benchmarks.harness import console
 
-BENCHMARKS = ("chain_summary", "map_reduce", "shared_prompt", "multi_agent", "mixed")
+BENCHMARKS = ("chain_summary", "map_reduce", "shared_prompt", "multi_agent", "mixed", "langchain_map_reduce")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.only.split(","):
         module = importlib.import_module(f"benchmarks.{name}")
         rows = module.main(["--quick"] if args.quick else [])
-        parrot = next(r for r in rows if r.system == "parrot")
+        parrot = next(r for r in rows if r.system.startswith("parrot"))
         for row in rows:
             chat = row.extra.get("chat ms/token")
             summary.add_row(name, row.system, f"{row.seconds:.2f}", f"{row.seconds / parrot.seconds:.2f}x",
