@@ -11,46 +11,37 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import FastAPI
 
-from parrot.service.cluster.api_router import router as engines_router
-from parrot.service.cluster.placement import GlobalScheduler
-from parrot.service.cluster.registry import DEFAULT_EXPIRY_S, EngineRegistry
+from parrot.service.api.engines import router as engines_router
+from parrot.service.api.native import router as native_router
+from parrot.service.api.openai.router import router as openai_router
+from parrot.service.api.openai.serving import DEFAULT_MAX_TOKENS, OpenAIServing
+from parrot.service.api.ops import router as ops_router
+from parrot.service.dispatch.dispatcher import DEFAULT_ENGINE_WAIT_S, Dispatcher
+from parrot.service.dispatch.registry import DEFAULT_EXPIRY_S, EngineRegistry
+from parrot.service.dispatch.scheduler import GlobalScheduler
 from parrot.service.engine.base import Engine
 from parrot.service.errors import install_exception_handlers
 from parrot.service.metrics import HTTPMetricsMiddleware, ServiceMetrics
-from parrot.service.native.api_router import router as native_router
-from parrot.service.native.executor import DEFAULT_ENGINE_WAIT_S, Executor
-from parrot.service.native.sessions import DEFAULT_IDLE_TIMEOUT_S, SessionManager
-from parrot.service.openai.api_router import router as openai_router
-from parrot.service.openai.serving import DEFAULT_MAX_TOKENS, OpenAIServing
-
-ops_router = APIRouter(tags=["ops"])
-
-
-@ops_router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@ops_router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    service_metrics: ServiceMetrics = request.app.state.metrics
-    return Response(service_metrics.render(), media_type=service_metrics.content_type)
+from parrot.service.runtime.executor import Executor
+from parrot.service.runtime.sessions import DEFAULT_IDLE_TIMEOUT_S, SessionManager
 
 
 def create_app(engines: Engine | Sequence[Engine] = (), *, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                session_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
                engine_expiry_s: float = DEFAULT_EXPIRY_S,
                engine_wait_s: float = DEFAULT_ENGINE_WAIT_S) -> FastAPI:
-    """The service over ``engines`` (in-process); with none, it waits for engine processes."""
+    """The service over ``engines`` (started with it: the builtin engine, SGLang or
+    OpenAI-compatible servers); with none, it waits for engine processes to register."""
     registry = EngineRegistry(expiry_s=engine_expiry_s)
     for engine in [engines] if isinstance(engines, Engine) else engines:
-        registry.add_local(engine)
+        registry.add(engine)
     scheduler = GlobalScheduler()
     registry.on_removed.append(scheduler.forget)
-    sessions = SessionManager(Executor(registry, scheduler, engine_wait_s=engine_wait_s),
-                              session_idle_timeout_s)
+    service_metrics = ServiceMetrics(registry)
+    dispatcher = Dispatcher(registry, scheduler, metrics=service_metrics, engine_wait_s=engine_wait_s)
+    sessions = SessionManager(Executor(dispatcher), session_idle_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -63,14 +54,12 @@ def create_app(engines: Engine | Sequence[Engine] = (), *, default_max_tokens: i
             await registry.stop()
 
     app = FastAPI(title="Parrot", summary="Serving LLM applications", lifespan=lifespan)
-    service_metrics = ServiceMetrics(registry)
     app.state.registry = registry
     app.state.scheduler = scheduler
+    app.state.dispatcher = dispatcher
     app.state.metrics = service_metrics
     app.state.sessions = sessions
-    app.state.openai_serving = OpenAIServing(
-        registry, scheduler, metrics=service_metrics, default_max_tokens=default_max_tokens
-    )
+    app.state.openai_serving = OpenAIServing(dispatcher, default_max_tokens=default_max_tokens)
     install_exception_handlers(app)
     app.add_middleware(HTTPMetricsMiddleware, metrics=service_metrics)
     app.include_router(ops_router)

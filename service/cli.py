@@ -10,8 +10,16 @@ import httpx
 import typer
 from rich.console import Console
 
+from parrot.service.engine.base import Engine
 from parrot.service.engine.builtin.engine import BuiltinEngine, BuiltinEngineConfig
 from parrot.service.engine.builtin.loader import DEFAULT_MODEL
+from parrot.service.engine.factory import (
+    EngineSpecError,
+    ServiceConfig,
+    build_engine,
+    load_config,
+    parse_engine_spec,
+)
 
 app = typer.Typer(help="Parrot: serving LLM applications.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -79,9 +87,16 @@ def serve(
     latency_step_tokens: LatencyStepOption = _DEFAULTS.latency_step_tokens or 0,
     prefix_caching: PrefixCachingOption = True,
     threads: ThreadsOption = None,
-    local_engine: Annotated[bool, typer.Option(
-        help="Run an engine in this process; without one, requests wait for engine processes "
-             "(parrot engine --service URL)")] = True,
+    engine: Annotated[list[str] | None, typer.Option(
+        "--engine", help="An engine server behind the service, as KIND=URL: sglang=http://HOST:PORT "
+                         "(SGLang's native API) or openai=http://HOST:PORT/v1 (any OpenAI-compatible "
+                         "server); repeatable")] = None,
+    config: Annotated[str | None, typer.Option(
+        help="A TOML file of engines with per-engine options (see docs/deploy.md)")] = None,
+    local_engine: Annotated[bool | None, typer.Option(
+        help="Run the builtin engine in this process [default: yes, unless the config file says "
+             "no]; without any engine, requests wait for engine processes (parrot engine "
+             "--service URL)")] = None,
     demo: Annotated[bool, typer.Option(help="Once up, send one chat request to itself and "
                                             "print it")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
@@ -92,11 +107,24 @@ def serve(
     from parrot.service.app import create_app
 
     console = Console(stderr=True)
-    engines = []
+    try:
+        service_config = load_config(config) if config else ServiceConfig()
+        specs = [*service_config.engines, *(parse_engine_spec(e) for e in engine or ())]
+    except EngineSpecError as exc:
+        raise typer.Exit(_fail(console, str(exc))) from None
+    if local_engine is None:
+        local_engine = True if service_config.local_engine is None else service_config.local_engine
+    engines: list[Engine] = []
     if local_engine:
-        config = engine_config(model, device, dtype, kv_cache_gib, max_running, latency_step_tokens,
-                               prefix_caching)
-        engines.append(load_engine(console, config, threads))
+        builtin = engine_config(model, device, dtype, kv_cache_gib, max_running, latency_step_tokens,
+                                prefix_caching)
+        engines.append(load_engine(console, builtin, threads))
+    for spec in specs:
+        try:
+            engines.append(build_engine(spec, engines))
+        except EngineSpecError as exc:
+            raise typer.Exit(_fail(console, str(exc))) from None
+        console.print(f"Engine [bold]{spec.kind}[/] at {spec.url} serving {engines[-1].model_name}")
     server = uvicorn.Server(uvicorn.Config(create_app(engines), host=host, port=port, log_level=log_level))
 
     async def run() -> None:
@@ -175,7 +203,7 @@ def engine_process(
 
     import uvicorn
 
-    from parrot.service.worker import create_worker_app
+    from parrot.service.engine.remote.worker import create_worker_app
 
     console = Console(stderr=True)
     config = engine_config(model, device, dtype, kv_cache_gib, max_running, latency_step_tokens,
@@ -209,8 +237,8 @@ def generate(
     engine = load_engine(console, engine_config(model, device, dtype))
 
     async def run() -> None:
-        ids = (engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat
-               else engine.encode(prompt))
+        ids = (engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat
+               else engine.tokenizer.encode(prompt))
         sampling = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
         await engine.start()
         try:

@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from parrot.service.cluster.registry import EngineRegistry
+from parrot.service.dispatch.registry import EngineRegistry
 from parrot.service.engine.base import GenerateOutput
 
 

@@ -1,8 +1,11 @@
-"""The one async interface every engine backend implements.
+"""The one async interface every engine backend implements, and every engine error.
 
 A request carries token ids and sampling parameters; ``generate`` streams
 incremental outputs until one of them says ``finished``. Backends: ``builtin``
-(embedded torch runner), later ``sglang`` and ``openai``.
+(embedded torch runner), ``remote`` (the builtin engine in another process),
+``sglang`` (SGLang's native HTTP API) and ``openai`` (any OpenAI-compatible server).
+Text <-> tokens is not the engine's job: each engine holds the ``ModelTokenizer`` of
+the model it serves, which the service uses to build prompts.
 """
 
 from __future__ import annotations
@@ -14,11 +17,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from parrot.service.engine.tokenizer import ModelTokenizer
+
 FinishReason = Literal["stop", "length", "abort"]
 
 
 class EngineError(Exception):
     """An engine failed to serve a request."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine cannot be reached (its process died, the network failed, it is overloaded):
+    the work may run again on another engine."""
 
 
 class InvalidRequestError(ValueError):
@@ -72,6 +82,9 @@ class GenerateRequest:
     objective: Objective = "latency"
     priority: int = 0
     group_id: str | None = None
+    # The chat messages the prompt renders, when it came from chat: backends that speak
+    # chat (an OpenAI-compatible server without token-id prompts) send these instead.
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass
@@ -100,39 +113,50 @@ class Load:
 
 
 class Engine(abc.ABC):
-    """An LLM engine the service can send requests to."""
+    """An LLM engine the service can send requests to.
 
+    ``tokenizer`` is the served model's tokenizer and chat template, used by the service
+    to build prompts; ``kind`` names the backend (``builtin``, ``remote``, ``sglang``,
+    ``openai``) and ``url`` where it is reached, if anywhere.
+    """
+
+    kind: str = "engine"
+    url: str | None = None
     model_name: str
     max_context_len: int
+    tokenizer: ModelTokenizer
+    # Whether the engine keeps prefixes the service asks for (``pin_prefix``, ``prefill``);
+    # without it, placement still follows what the engine probably cached.
+    supports_prefix_control: bool = False
 
     @abc.abstractmethod
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Connect or load; raises ``EngineError`` with a clear message when it cannot."""
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...
 
     @abc.abstractmethod
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """Stream outputs of ``request``; raises ``InvalidRequestError`` before any output."""
+        """Stream outputs of ``request``; raises ``InvalidRequestError`` before any output when
+        the engine rejects the request, ``EngineUnavailableError`` when the engine is gone.
+        Closing the stream early aborts the request."""
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with ``finish_reason == "abort"``."""
 
-    @abc.abstractmethod
     async def set_priority(self, request_id: str, priority: int, objective: Objective) -> None:
-        """Re-rank a request that is queued or running (a new fetch raised its importance)."""
+        """Re-rank a request that is queued or running (a new fetch raised its importance).
+        Engines that cannot re-rank a request in flight ignore it."""
+        return None
 
     @abc.abstractmethod
     def load(self) -> Load: ...
 
-    @abc.abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without special tokens."""
-
-    @abc.abstractmethod
-    def decode(self, token_ids: list[int]) -> str:
-        """Text of ``token_ids``, special tokens left out (as outputs are reported)."""
+    async def health(self) -> bool:
+        """Whether the engine answers now (probed while it is marked down)."""
+        return True
 
     async def pin_prefix(self, pin_id: str, token_ids: list[int]) -> None:
         """Keep the cached KV of this prefix from eviction until unpinned; a prefix not cached
@@ -144,17 +168,7 @@ class Engine(abc.ABC):
         """Drop a pin (unknown ids are ignored); its prefix becomes evictable again."""
         return None
 
-    @property
-    def prompt_prefix_ids(self) -> list[int]:
-        """Special tokens a prompt starts with (e.g. BOS), if the model wants any."""
-        return []
-
-    @abc.abstractmethod
-    def render_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text of ``messages`` in the model's chat template, with the generation
-        prompt appended; raises ``InvalidRequestError`` when the model has no chat template."""
-
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the rendered chat: the text tokenized whole, with no special tokens
-        added beyond those the template writes (as ``transformers`` does)."""
-        return self.encode(self.render_chat_template(messages))
+    async def prefill(self, token_ids: list[int]) -> None:
+        """Compute and cache the KV of ``token_ids`` without generating (a task group's shared
+        prefix, before the group fans out). Engines without prefix control ignore it."""
+        return None

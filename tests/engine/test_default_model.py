@@ -23,8 +23,8 @@ PROMPTS = [
 async def test_greedy_first_32_tokens_match_transformers(default_model_dir):
     engine = BuiltinEngine(BuiltinEngineConfig(device="cpu", kv_cache_gib=0.25))
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-    chat = engine.apply_chat_template([{"role": "user", "content": "Name a fruit."}])
-    prompts = [engine.encode(p) for p in PROMPTS] + [chat]
+    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit."}])
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS] + [chat]
 
     async def run(ids):
         req = GenerateRequest(engine.new_request_id(), ids, SamplingParams(max_new_tokens=32, temperature=0))

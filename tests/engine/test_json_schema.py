@@ -130,7 +130,7 @@ async def test_json_object_mode_gives_an_object(tiny_engine_factory):
         for messages in chats:
             for sampling in (constrained({"type": "object"}, n=64),
                              constrained({"type": "object"}, n=64, temperature=1.0, seed=1)):
-                _, text, last = await run(engine, engine.apply_chat_template(messages), sampling)
+                _, text, last = await run(engine, engine.tokenizer.apply_chat_template(messages), sampling)
                 assert last.finish_reason == "stop", text
                 assert isinstance(json.loads(text), dict)
     finally:
@@ -266,7 +266,7 @@ async def test_default_model_answers_in_schema():
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                                "colors": colors},
               "required": ["name", "age", "colors"], "additionalProperties": False}
-    chat = engine.apply_chat_template([{"role": "user", "content": "Tom is a 3 year old cat, black and "
+    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Tom is a 3 year old cat, black and "
                                                                    "white. Reply in JSON."}])
     try:
         plain = await run(engine, chat, SamplingParams(max_new_tokens=8, temperature=0))

@@ -47,8 +47,8 @@ def test_generate_prints_the_greedy_completion(tiny_engine_factory, tokenizer, m
     engine, hf = tiny_engine_factory()
     monkeypatch.setattr(cli, "BuiltinEngine", lambda config: engine)  # the CLI's own loading path
     prompt = "Tell me a joke"
-    ids = (engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat
-           else engine.encode(prompt))
+    ids = (engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat
+           else engine.tokenizer.encode(prompt))
     with torch.no_grad():
         mask = torch.ones(1, len(ids), dtype=torch.long)
         out = hf.generate(torch.tensor([ids]), attention_mask=mask, max_new_tokens=6,

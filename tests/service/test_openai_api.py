@@ -33,7 +33,7 @@ def test_models_lists_and_retrieves_the_served_model(live_server):
 def test_completion_returns_text_usage_and_finish_reason(live_server):
     client = live_server.client()
     resp = complete(client, live_server.model, "The quick brown fox", max_tokens=6, ignore_eos=True)
-    prompt_len = len(live_server.engine.encode("The quick brown fox"))
+    prompt_len = len(live_server.engine.tokenizer.encode("The quick brown fox"))
     assert resp.object == "text_completion" and resp.id.startswith("cmpl-")
     assert resp.model == live_server.model
     [choice] = resp.choices
@@ -48,7 +48,7 @@ def test_completion_is_deterministic_and_accepts_token_ids(live_server):
     client = live_server.client()
     text = complete(client, live_server.model, "Once upon a time", max_tokens=8).choices[0].text
     again = complete(client, live_server.model, "Once upon a time", max_tokens=8).choices[0].text
-    ids = live_server.engine.encode("Once upon a time")
+    ids = live_server.engine.tokenizer.encode("Once upon a time")
     by_ids = complete(client, live_server.model, ids, max_tokens=8).choices[0].text
     assert text == again == by_ids
 
@@ -70,7 +70,7 @@ def test_chat_completion(live_server):
     [choice] = resp.choices
     assert choice.message.role == "assistant" and choice.message.content
     assert choice.finish_reason == "length"
-    ids = live_server.engine.apply_chat_template(CHAT)
+    ids = live_server.engine.tokenizer.apply_chat_template(CHAT)
     assert resp.usage.prompt_tokens == len(ids) and resp.usage.completion_tokens == 5
 
 
@@ -97,7 +97,7 @@ def test_list_prompt_gives_one_choice_per_prompt(live_server):
 
 def test_list_of_token_id_prompts(live_server):
     client = live_server.client()
-    ids = [live_server.engine.encode(p) for p in ("Hello world", "Good morning")]
+    ids = [live_server.engine.tokenizer.encode(p) for p in ("Hello world", "Good morning")]
     by_text = complete(client, live_server.model, ["Hello world", "Good morning"], max_tokens=4)
     by_ids = complete(client, live_server.model, ids, max_tokens=4)
     assert [c.text for c in by_ids.choices] == [c.text for c in by_text.choices]
@@ -186,7 +186,7 @@ def test_seeded_sampling_is_reproducible(live_server):
 
 
 def test_stop_token_ids_end_generation(live_server):
-    ids = live_server.engine.encode("Count: one two")
+    ids = live_server.engine.tokenizer.encode("Count: one two")
     with torch.no_grad():
         first = int(live_server.hf_model(torch.tensor([ids])).logits[0, -1].argmax())
     resp = live_server.client().completions.create(

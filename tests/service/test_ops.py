@@ -20,7 +20,7 @@ def test_openapi_schema_renders(live_server):
 def test_engines_report_name_and_load(live_server):
     with live_server.http() as http:
         [engine] = http.get("/v1/engines").json()["data"]
-    assert engine["name"] == "builtin" and engine["model"] == live_server.model
+    assert engine["kind"] == "builtin" and engine["model"] == live_server.model
     assert engine["max_context_len"] == live_server.engine.max_context_len
     load = engine["load"]
     assert load["num_running"] == 0 and load["num_waiting"] == 0

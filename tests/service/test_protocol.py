@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from parrot.service.errors import validation_error_info
-from parrot.service.openai.protocol import (
+from parrot.service.api.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionStreamChoice,
     CompletionRequest,

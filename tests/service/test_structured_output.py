@@ -15,9 +15,9 @@ import pytest
 from pydantic import BaseModel, Field
 
 from parrot.service.app import create_app
-from parrot.service.worker import create_worker_app
+from parrot.service.engine.remote.worker import create_worker_app
 from tests.engine.test_json_schema import PERSON, check
-from tests.service.native.test_native_api import Native, text
+from tests.service.runtime.test_native_api import Native, text
 
 CHAT = [{"role": "user", "content": "Describe a person."}]
 

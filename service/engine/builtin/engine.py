@@ -37,7 +37,7 @@ from parrot.service.engine.builtin.request import IncrementalDetokenizer, Reques
 from parrot.service.engine.builtin.sampler import apply_token_bitmask, make_generator, sample
 from parrot.service.engine.builtin.scheduler import Scheduler, SchedulerConfig
 from parrot.service.engine.builtin.slots import SlotAllocator
-from parrot.service.engine.tokenization import HFTokenization
+from parrot.service.engine.tokenizer import ModelTokenizer
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
@@ -85,7 +85,10 @@ def _resolve(done: asyncio.Future[None]) -> None:
         done.set_result(None)
 
 
-class BuiltinEngine(HFTokenization, Engine):
+class BuiltinEngine(Engine):
+    kind = "builtin"
+    supports_prefix_control = True
+
     def __init__(self, config: BuiltinEngineConfig | None = None, *, hf_model=None, tokenizer=None,
                  model_name: str | None = None) -> None:
         """Load the model. ``hf_model``/``tokenizer`` may be given directly (tests do)."""
@@ -105,7 +108,7 @@ class BuiltinEngine(HFTokenization, Engine):
         if tokenizer is None:
             raise ValueError("a tokenizer is needed with hf_model")
         self.model_name = model_name or Path(str(hf_model.config.name_or_path)).name or "model"
-        self.tokenizer = tokenizer
+        self.tokenizer = ModelTokenizer(tokenizer, self.model_name)
         hf_config = hf_model.config
         kv_bytes = kv_bytes_per_token(hf_config, hf_model.dtype)
         num_slots = max(int(config.kv_cache_gib * 2**30 // kv_bytes), 256)
@@ -307,7 +310,7 @@ class BuiltinEngine(HFTokenization, Engine):
             group_id=request.group_id,
             seq=seq,
             group_seq=group_seq,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, sp.stop),
+            detokenizer=IncrementalDetokenizer(self.tokenizer.hf, sp.stop),
             grammar=grammar,
         )
         self._requests[req.request_id] = req

@@ -42,7 +42,7 @@ def test_generate_reports_usage_and_finish_reasons(service):
     result = llm(service, max_tokens=7).generate(PROMPTS[:2])
     usage = result.llm_output["token_usage"]
     assert usage["completion_tokens"] == 14 and usage["total_tokens"] == usage["prompt_tokens"] + 14
-    assert usage["prompt_tokens"] == sum(len(service.engine.encode(p)) for p in PROMPTS[:2])
+    assert usage["prompt_tokens"] == sum(len(service.engine.tokenizer.encode(p)) for p in PROMPTS[:2])
     assert result.llm_output["model_name"] == service.model
     assert [g[0].generation_info["finish_reason"] for g in result.generations] == ["length", "length"]
 

@@ -1,7 +1,7 @@
 """An engine process: serves one builtin engine over HTTP and registers with a Parrot service.
 
 ``parrot engine --service URL`` runs this. The process answers the routes in
-``parrot.service.engine.remote_protocol``, registers its URL and model with the
+``parrot.service.engine.remote.protocol``, registers its URL and model with the
 service, heartbeats its load, registers again if the service forgot it (restart,
 expiry), and says goodbye on shutdown.
 """
@@ -21,9 +21,10 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI
 
+from parrot.service.api.http import sse_event, sse_response
 from parrot.service.engine.base import GenerateRequest
 from parrot.service.engine.builtin.engine import BuiltinEngine
-from parrot.service.engine.remote_protocol import (
+from parrot.service.engine.remote.protocol import (
     EngineInfo,
     EngineRegistration,
     GenerateBody,
@@ -35,7 +36,6 @@ from parrot.service.engine.remote_protocol import (
     RequestRef,
 )
 from parrot.service.errors import install_exception_handlers
-from parrot.service.http_utils import sse_event, sse_response
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def create_worker_app(engine: BuiltinEngine, *, service_url: str | None = None,
     app.state.engine = engine
     app.state.registrar = registrar
     install_exception_handlers(app)
-    files = tokenizer_files(engine.tokenizer)
+    files = tokenizer_files(engine.tokenizer.hf)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -128,7 +128,7 @@ def create_worker_app(engine: BuiltinEngine, *, service_url: str | None = None,
     @app.get("/info")
     async def info() -> EngineInfo:
         return EngineInfo(model=engine.model_name, max_context_len=engine.max_context_len,
-                          prompt_prefix_ids=engine.prompt_prefix_ids, tokenizer_files=files)
+                          prompt_prefix_ids=engine.tokenizer.prompt_prefix_ids, tokenizer_files=files)
 
     @app.get("/load")
     async def load() -> LoadInfo:

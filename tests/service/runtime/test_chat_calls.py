@@ -8,11 +8,12 @@ import httpx
 import pytest
 import torch
 
-from parrot.schemas import MessageDecl
+from parrot.schemas import CallDecl, MessageDecl, OutputSegment
 from parrot.service.app import create_app
 from parrot.service.engine.builtin.engine import BuiltinEngine
-from parrot.service.native import chat
-from tests.service.native.test_native_api import Native, inp, out, text
+from parrot.service.engine.tokenizer import ModelTokenizer
+from parrot.service.runtime import prompts
+from tests.service.runtime.test_native_api import Native, inp, out, text
 
 MAX = 12
 
@@ -61,8 +62,8 @@ def test_chat_call_equals_the_openai_route_token_for_token(native, server, token
              {"role": "user", "content": "Summarize: hello world now."}]
     expected = reference_ids(tokenizer, final)
     engine = server.engine
-    piecewise = engine.encode("Summarize: ") + engine.encode("hello world")
-    assert piecewise != engine.encode("Summarize: hello world")
+    piecewise = engine.tokenizer.encode("Summarize: ") + engine.tokenizer.encode("hello world")
+    assert piecewise != engine.tokenizer.encode("Summarize: hello world")
 
     resp = openai_chat(server, final)
     assert summary == resp.choices[0].message.content
@@ -71,7 +72,7 @@ def test_chat_call_equals_the_openai_route_token_for_token(native, server, token
     # The greedy continuation of transformers' own prompt ids is the reply.
     gen = server.hf_model.generate(torch.tensor([expected]), max_new_tokens=MAX, min_new_tokens=MAX,
                                    do_sample=False)[0, len(expected):].tolist()
-    assert engine.decode(gen) == summary
+    assert engine.tokenizer.decode(gen) == summary
     # The OpenAI request found the chat call's prompt in the prefix cache: the same token ids.
     assert resp.usage.prompt_tokens_details.cached_tokens >= len(expected) - 1
 
@@ -181,7 +182,7 @@ def test_a_pending_chat_calls_static_prefix_is_known_before_its_input(tiny_engin
         native.get("review")
     final = [{"role": "system", "content": system}, {"role": "user", "content": "Review: print('hi')"}]
     expected = reference_ids(tokenizer, final)
-    assert len(prefix) >= len(engine.encode(system)) and list(prefix) == expected[:len(prefix)]
+    assert len(prefix) >= len(engine.tokenizer.encode(system)) and list(prefix) == expected[:len(prefix)]
     assert not pins.pending  # resolved once the call ran
 
 
@@ -230,8 +231,9 @@ def test_bad_chat_calls_are_clear_4xx_and_change_nothing(native):
 
 def _engine_with_template(engine_factory, tokenizer, template: str | None) -> BuiltinEngine:
     engine, _ = engine_factory()
-    engine.tokenizer = copy.deepcopy(tokenizer)  # the same vocabulary, another chat template
-    engine.tokenizer.chat_template = template
+    other = copy.deepcopy(tokenizer)  # the same vocabulary, another chat template
+    other.chat_template = template
+    engine.tokenizer = ModelTokenizer(other, engine.model_name)
     return engine
 
 
@@ -277,15 +279,16 @@ def test_prompt_ids_match_transformers_and_start_with_the_static_prefix(tiny_eng
     engine, _ = tiny_engine_factory()
     messages = [MessageDecl.model_validate({"role": "developer", "content": "Be brief."}),
                 MessageDecl.model_validate({"role": "user", "content": content, "name": "ann"})]
-    ids = chat.prompt_ids(engine, messages, {"v": value})
+    ids = prompts.encode_chat(engine.tokenizer, prompts.chat_messages(messages, {"v": value}))
     joined = "".join(s["text"] if s["type"] == "text" else value for s in content)
     expected = reference_ids(tokenizer, [{"role": "system", "content": "Be brief."},
                                          {"role": "user", "content": joined, "name": "ann"}])
-    assert ids == expected == engine.apply_chat_template(
-        chat.template_messages(messages, lambda s: value))
-    prefix = chat.static_prefix_ids(engine, messages)
+    assert ids == expected == engine.tokenizer.apply_chat_template(
+        prompts.template_messages(messages, lambda s: value))
+    prefix = prompts.static_prefix(engine.tokenizer, CallDecl(id="c", messages=messages,
+                                                               output=OutputSegment(var="o")))
     assert len(prefix) > 8 and ids[:len(prefix)] == prefix  # at least the system message
-    pieces = chat.layout(engine, messages)
+    pieces = prompts.layout(engine.tokenizer, messages)
     assert [p.var for p in pieces if not isinstance(p, str)] == ["v"]
-    assert "".join(p if isinstance(p, str) else value for p in pieces) == engine.render_chat_template(
-        chat.template_messages(messages, lambda s: value))
+    assert "".join(p if isinstance(p, str) else value for p in pieces) == engine.tokenizer.render_chat_template(
+        prompts.template_messages(messages, lambda s: value))

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from parrot.service.cluster.placement import GlobalScheduler, PrefixIndex
-from parrot.service.cluster.registry import EngineRegistry
+from parrot.service.dispatch.prefix_index import PrefixIndex
+from parrot.service.dispatch.registry import EngineRegistry
+from parrot.service.dispatch.scheduler import GlobalScheduler
 
 
 @pytest.fixture
 def engines(tiny_engine_factory):
     registry = EngineRegistry()
-    return [registry.add_local(tiny_engine_factory()[0]) for _ in range(3)]
+    return [registry.add(tiny_engine_factory()[0]) for _ in range(3)]
 
 
 def busy(scheduler, handle, objective, n):

@@ -13,7 +13,8 @@ Rules, in order:
 
 What an engine's cache holds is tracked here, per engine, from the prompts sent to
 it and the outputs it served, bounded by its KV capacity (least recently used
-forgotten first), in the same radix tree the builtin engine uses for its KV.
+forgotten first), in a ``PrefixIndex``. Every face goes through this: native calls
+and OpenAI requests alike.
 """
 
 from __future__ import annotations
@@ -21,31 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from parrot.service.cluster.registry import EngineHandle
-from parrot.service.engine.builtin.radix_cache import RadixCache
+from parrot.service.dispatch.prefix_index import PrefixIndex
+from parrot.service.dispatch.registry import EngineHandle
 
 DEFAULT_CAPACITY_TOKENS = 1 << 20  # until an engine reports its KV size
-
-
-class PrefixIndex:
-    """Token sequences an engine has probably cached (no KV here, only the tokens)."""
-
-    def __init__(self) -> None:
-        self._tree = RadixCache(lambda slots: None)
-
-    def match(self, tokens: Sequence[int]) -> int:
-        slots, _ = self._tree.match_prefix(tokens)
-        return len(slots)
-
-    def add(self, tokens: Sequence[int], capacity: int) -> None:
-        self._tree.insert(tokens, range(len(tokens)))
-        excess = self._tree.total_size - capacity
-        if excess > 0:
-            self._tree.evict(excess)
-
-    @property
-    def num_tokens(self) -> int:
-        return self._tree.total_size
 
 
 @dataclass
@@ -94,10 +74,6 @@ class GlobalScheduler:
         if group is not None:
             self._groups[group] = chosen.id
         return chosen
-
-    def least_loaded(self, candidates: Sequence[EngineHandle]) -> EngineHandle:
-        """Request-centric routing (the OpenAI routes): fewest requests in flight."""
-        return min(candidates, key=lambda h: self._stats(h).total)
 
     def affinity(self, handle: EngineHandle, tokens: Sequence[int]) -> int:
         return self._stats(handle).index.match(tokens)

@@ -1,9 +1,10 @@
 """Serve the OpenAI-compatible API: validate, build engine requests, shape responses.
 
-The router hands over parsed protocol objects; this class picks an engine serving
-the requested model (the least loaded: these routes are request-centric, with no
-app knowledge), checks what only the engine can tell (context length), tokenizes,
-runs one engine request per prompt through a ``RequestGroup``, and returns either a
+The router hands over parsed protocol objects; this class checks the model and what
+only its engines can tell (context length), tokenizes, and dispatches one request per
+prompt through the service's one ``Dispatcher`` (the same placement by prefix
+affinity and load, and failover to another engine, as native calls get; a request's
+prompts are placed together), read as a ``RequestGroup``. It returns either a
 response object or an ``EventStream`` of server-sent events.
 
 Defaults: a request without ``max_tokens`` gets the rest of the context window,
@@ -17,28 +18,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
-
-from parrot.service.cluster.placement import GlobalScheduler
-from parrot.service.cluster.registry import EngineHandle, EngineRegistry
-from parrot.service.engine.base import (
-    Engine,
-    GenerateOutput,
-    GenerateRequest,
-    InvalidRequestError,
-    SamplingParams,
-)
-from parrot.service.engine.remote import EngineUnavailableError
-from parrot.service.errors import (
-    BadRequestError,
-    ContextLengthExceededError,
-    EngineFailedError,
-    ModelNotFoundError,
-    ServiceUnavailableError,
-)
-from parrot.service.http_utils import SSE_DONE, EventStream, sse_event
-from parrot.service.metrics import ServiceMetrics
-from parrot.service.openai.protocol import (
+from parrot.service.api.http import SSE_DONE, EventStream, sse_event
+from parrot.service.api.openai.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -56,7 +37,18 @@ from parrot.service.openai.protocol import (
     SamplingRequest,
     UsageInfo,
 )
-from parrot.service.streams import RequestGroup
+from parrot.service.dispatch.dispatcher import Dispatcher, DispatchRequest
+from parrot.service.dispatch.sampling import sampling_params
+from parrot.service.dispatch.streams import RequestGroup
+from parrot.service.engine.base import GenerateOutput, InvalidRequestError, SamplingParams
+from parrot.service.engine.tokenizer import ModelTokenizer
+from parrot.service.errors import (
+    BadRequestError,
+    ContextLengthExceededError,
+    EngineFailedError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+)
 
 DEFAULT_MAX_TOKENS = 1024
 
@@ -77,16 +69,13 @@ class _Choice:
 
 
 class OpenAIServing:
-    def __init__(self, engines: EngineRegistry, scheduler: GlobalScheduler, *,
-                 metrics: ServiceMetrics | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
-        self.engines = engines
-        self.scheduler = scheduler
-        self.metrics = metrics
+    def __init__(self, dispatcher: Dispatcher, *, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+        self.dispatcher = dispatcher
         self.default_max_tokens = default_max_tokens
 
-    def _pick(self, model: str | None) -> EngineHandle:
-        """The least loaded engine serving ``model`` (the first model served when None)."""
-        served = self.engines.models()
+    def _model(self, model: str | None) -> str:
+        """The model asked for, checked (the first model served when None)."""
+        served = self.dispatcher.registry.models()
         if not served:
             raise ServiceUnavailableError("no engine is available yet; try again shortly")
         if model is not None and model not in served:
@@ -94,27 +83,27 @@ class OpenAIServing:
                 f"the model {model!r} does not exist; this server serves {', '.join(map(repr, served))}",
                 param="model",
             )
-        return self.scheduler.least_loaded(self.engines.engines(model or served[0]))
+        return model or served[0]
 
     # ---- /v1/models -----------------------------------------------------------------
     def _model_card(self, model: str) -> ModelCard:
-        engine = self.engines.engines(model)[0].engine
+        engine = next(h.engine for h in self.dispatcher.registry.handles.values() if h.model == model)
         return ModelCard(id=model, max_model_len=engine.max_context_len)
 
     def list_models(self) -> ModelList:
-        return ModelList(data=[self._model_card(m) for m in self.engines.models()])
+        return ModelList(data=[self._model_card(m) for m in self.dispatcher.registry.models()])
 
     def get_model(self, model: str) -> ModelCard:
-        return self._model_card(self._pick(model).model)
+        return self._model_card(self._model(model))
 
     # ---- /v1/completions --------------------------------------------------------------
     async def create_completion(
         self, request: CompletionRequest
     ) -> CompletionResponse | EventStream:
-        handle = self._pick(request.model)
-        prompts = self._completion_prompts(handle.engine, request)
+        model = self._model(request.model)
+        prompts = self._completion_prompts(await self.dispatcher.tokenizer(model), request)
         response_id = f"cmpl-{uuid.uuid4().hex}"
-        group = await self._start(handle, response_id, prompts, request, COMPLETIONS, param="prompt")
+        group = await self._start(model, response_id, prompts, request, COMPLETIONS, param="prompt")
         if request.stream:
             events = self._completion_events(group, response_id, request.include_usage)
             return self._event_stream(events, group, COMPLETIONS)
@@ -126,11 +115,11 @@ class OpenAIServing:
         )
 
     @staticmethod
-    def _completion_prompts(engine: Engine, request: CompletionRequest) -> list[list[int]]:
+    def _completion_prompts(tokenizer: ModelTokenizer, request: CompletionRequest) -> list[list[int]]:
         prompt = request.prompt
         # One prompt (text or token ids) or a list of them; the schema checked the shapes.
         prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
-        return [engine.encode(p) if isinstance(p, str) else list(p)  # type: ignore[arg-type]
+        return [tokenizer.encode(p) if isinstance(p, str) else list(p)  # type: ignore[arg-type]
                 for p in prompts]
 
     async def _completion_events(self, group: _Served, response_id: str,
@@ -138,7 +127,7 @@ class OpenAIServing:
         model = group.model
         choices = [_Choice() for _ in range(len(group))]
         async for index, out in group.outputs():
-            self._observe(choices[index], out, COMPLETIONS)
+            _observe(choices[index], out)
             if out.error:
                 yield _error_event(out.error)
                 break
@@ -157,11 +146,12 @@ class OpenAIServing:
     async def create_chat_completion(
         self, request: ChatCompletionRequest
     ) -> ChatCompletionResponse | EventStream:
-        handle = self._pick(request.model)
-        prompt = self._chat_prompt(handle.engine, request)
+        model = self._model(request.model)
+        messages = [m.to_template_dict() for m in request.messages]
+        prompt = self._chat_prompt(await self.dispatcher.tokenizer(model), messages)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        group = await self._start(handle, response_id, [prompt], request, CHAT, param="messages",
-                                  max_tokens=request.max_output_tokens)
+        group = await self._start(model, response_id, [prompt], request, CHAT, param="messages",
+                                  max_tokens=request.max_output_tokens, messages=messages)
         if request.stream:
             events = self._chat_events(group, response_id, request.include_usage)
             return self._event_stream(events, group, CHAT)
@@ -174,10 +164,9 @@ class OpenAIServing:
         )
 
     @staticmethod
-    def _chat_prompt(engine: Engine, request: ChatCompletionRequest) -> list[int]:
-        messages = [m.to_template_dict() for m in request.messages]
+    def _chat_prompt(tokenizer: ModelTokenizer, messages: list[dict[str, str]]) -> list[int]:
         try:
-            return engine.apply_chat_template(messages)
+            return tokenizer.apply_chat_template(messages)
         except InvalidRequestError:  # e.g. the model has no chat template
             raise
         except Exception as exc:  # a template that raises (e.g. roles must alternate)
@@ -198,7 +187,7 @@ class OpenAIServing:
         for index in range(len(group)):
             yield chunk(index, DeltaMessage(role="assistant", content=""))
         async for index, out in group.outputs():
-            self._observe(choices[index], out, CHAT)
+            _observe(choices[index], out)
             if out.error:
                 yield _error_event(out.error)
                 break
@@ -213,9 +202,9 @@ class OpenAIServing:
         yield SSE_DONE
 
     # ---- shared -----------------------------------------------------------------------
-    def _max_new_tokens(self, engine: Engine, prompt_len: int, max_tokens: int | None,
+    def _max_new_tokens(self, max_context_len: int, prompt_len: int, max_tokens: int | None,
                         param: str) -> int:
-        limit = engine.max_context_len
+        limit = max_context_len
         if prompt_len >= limit:
             raise ContextLengthExceededError(
                 f"the prompt has {prompt_len} tokens, but the model's context length is {limit} "
@@ -230,49 +219,44 @@ class OpenAIServing:
                 param="max_tokens")
         return max_tokens
 
-    def _sampling(self, request: SamplingRequest, max_new_tokens: int) -> SamplingParams:
-        fields = dict(
+    @staticmethod
+    def _sampling(request: SamplingRequest, max_new_tokens: int) -> SamplingParams:
+        return sampling_params(
             max_new_tokens=max_new_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=-1 if request.top_k is None else request.top_k,
-            seed=request.seed,
-            stop=tuple(request.stop_list),
-            stop_token_ids=tuple(request.stop_token_ids or ()),
-            ignore_eos=bool(request.ignore_eos),
-            json_schema=request.json_schema,
+            seed=request.seed, stop=request.stop_list, stop_token_ids=request.stop_token_ids or (),
+            ignore_eos=bool(request.ignore_eos), json_schema=request.json_schema,
         )
-        try:
-            return SamplingParams(**fields)
-        except ValidationError as exc:
-            raise BadRequestError(f"invalid sampling parameters: {exc}") from exc
 
-    async def _start(self, handle: EngineHandle, response_id: str, prompts: list[list[int]],
+    async def _start(self, model: str, response_id: str, prompts: list[list[int]],
                      request: SamplingRequest, endpoint: str, *, param: str,
-                     max_tokens: int | None = None) -> _Served:
-        """Start one engine request per prompt; fail (4xx/5xx) before any response byte if
-        the engine rejects a prompt or fails at once."""
+                     max_tokens: int | None = None,
+                     messages: list[dict[str, str]] | None = None) -> _Served:
+        """Dispatch one request per prompt; fail (4xx/5xx) before any response byte if the
+        engine rejects a prompt or fails at once."""
         if max_tokens is None:
             max_tokens = request.max_tokens
+        max_context_len = min(h.engine.max_context_len for h in await self.dispatcher.engines(model))
         requests = []
         for i, prompt in enumerate(prompts):
-            max_new_tokens = self._max_new_tokens(handle.engine, len(prompt), max_tokens, param)
-            sampling = self._sampling(request, max_new_tokens)
-            requests.append(GenerateRequest(f"{response_id}-{i}", prompt, sampling))
-        group = _Served(handle, requests)
-        for r in requests:
-            self.scheduler.begin(handle, r.objective, r.prompt_token_ids)
+            max_new_tokens = self._max_new_tokens(max_context_len, len(prompt), max_tokens, param)
+            requests.append(DispatchRequest(
+                prompt, self._sampling(request, max_new_tokens), model=model,
+                group_id=response_id if len(prompts) > 1 else None,  # a request's prompts stay together
+                messages=messages, endpoint=endpoint, request_id=f"{response_id}-{i}",
+            ))
+        dispatches = [await self.dispatcher.open(r) for r in requests]
+        group = _Served(dispatches, model, response_id)
         try:
             firsts = await group.start()
-        except EngineUnavailableError:
-            await self._close(group, endpoint)
-            await self.engines.remove(handle.id, "its connection failed")
+        except BaseException:
+            await self._close(group)
             raise
         failed = [out for out in firsts if out.error]
         if failed:
-            for out in failed:
-                self._record(endpoint, out)
-            await self._close(group, endpoint)
+            await self._close(group)
             raise EngineFailedError(f"the engine failed: {failed[0].error}")
         return group
 
@@ -280,46 +264,35 @@ class OpenAIServing:
         choices = [_Choice() for _ in range(len(group))]
         try:
             async for index, out in group.outputs():
-                self._observe(choices[index], out, endpoint)
+                _observe(choices[index], out)
                 if out.error:
                     raise EngineFailedError(f"the engine failed: {out.error}")
         finally:
-            await self._close(group, endpoint)
+            await self._close(group)
         return choices
 
-    def _observe(self, choice: _Choice, out: GenerateOutput, endpoint: str) -> None:
-        choice.texts.append(out.text)
-        if out.finished:
-            choice.final = out
-            self._record(endpoint, out)
-
-    def _record(self, endpoint: str, out: GenerateOutput) -> None:
-        if self.metrics is not None:
-            self.metrics.record_finished(endpoint, out)
-
-    async def _close(self, group: _Served, endpoint: str) -> None:
-        if group.counted:
-            group.counted = False
-            for r in group.requests:
-                self.scheduler.end(group.handle, r.objective)
-        unfinished = group.num_unfinished
+    async def _close(self, group: _Served) -> None:
         await group.aclose()
-        if self.metrics is not None:
-            self.metrics.record_aborted(endpoint, unfinished)
+        self.dispatcher.scheduler.group_done(group.response_id)
 
     def _event_stream(self, events: AsyncIterator[str], group: _Served,
                       endpoint: str) -> EventStream:
-        return EventStream(events, on_close=lambda: self._close(group, endpoint))
+        return EventStream(events, on_close=lambda: self._close(group))
 
 
 class _Served(RequestGroup):
-    """The engine requests of one API request, on the engine that serves them."""
+    """The dispatched requests of one API request."""
 
-    def __init__(self, handle: EngineHandle, requests: list[GenerateRequest]) -> None:
-        super().__init__(handle.engine, requests)
-        self.handle = handle
-        self.model = handle.model
-        self.counted = True  # in the scheduler's in-flight count until closed
+    def __init__(self, dispatches: list, model: str, response_id: str) -> None:
+        super().__init__(dispatches)
+        self.model = model
+        self.response_id = response_id
+
+
+def _observe(choice: _Choice, out: GenerateOutput) -> None:
+    choice.texts.append(out.text)
+    if out.finished:
+        choice.final = out
 
 
 def _finish_reason(out: GenerateOutput | None):

@@ -148,11 +148,11 @@ def test_several_outputs_fill_and_generate_in_one_sequence(native, server):
     assert x and y
     # The same fill -> generate -> fill -> generate by hand gives the same text.
     engine = server.engine
-    first = engine.encode("Name:")
+    first = engine.tokenizer.encode("Name:")
     gen = server.hf_model.generate(
         torch.tensor([first]), max_new_tokens=5, do_sample=False, min_new_tokens=5
     )[0, len(first):].tolist()
-    assert engine.decode(gen) == x
+    assert engine.tokenizer.decode(gen) == x
 
 
 def test_native_call_outputs_set_by_the_client_feed_llm_calls(native):

@@ -20,9 +20,9 @@ from parrot.schemas import (
     VariableInfo,
     VariableSet,
 )
+from parrot.service.api.http import sse_event, sse_response
 from parrot.service.errors import FailedDependencyError
-from parrot.service.http_utils import sse_event, sse_response
-from parrot.service.native.sessions import SessionManager, variable_info
+from parrot.service.runtime.sessions import SessionManager, variable_info
 
 router = APIRouter(prefix="/v1", tags=["native"])
 

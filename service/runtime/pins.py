@@ -13,8 +13,8 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 
-from parrot.service.cluster.registry import EngineHandle
-from parrot.service.native.graph import Call
+from parrot.service.dispatch.registry import EngineHandle
+from parrot.service.runtime.graph import Call
 
 MIN_PIN_TOKENS = 32
 
@@ -38,6 +38,15 @@ class PrefixPins:
     def add_pending(self, call: Call, prefix: list[int]) -> None:
         if len(prefix) >= self.min_tokens:
             self.pending.setdefault(tuple(prefix), set()).add(call)
+
+    def shared_start(self, call: Call, prompt: list[int]) -> list[int]:
+        """The longest start of ``prompt`` (at least ``min_tokens``) that another pending member
+        of ``call``'s task group will need too; empty when there is none."""
+        best = 0
+        for prefix, calls in self.pending.items():
+            if any(c is not call and c.group == call.group for c in calls):
+                best = max(best, _common_len(prompt, prefix))
+        return prompt[:best] if best >= self.min_tokens else []
 
     async def placed(self, handle: EngineHandle, prompt: list[int]) -> None:
         """A call with ``prompt`` went to ``handle``: pin what pending calls share with it."""

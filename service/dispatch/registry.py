@@ -1,9 +1,13 @@
-"""The engines behind one service: in-process ones, and engine processes that register over HTTP.
+"""The engines behind one service.
 
-An engine process registers (``POST /v1/engines``) and then heartbeats its load. One
-that misses heartbeats for ``expiry_s``, or whose connection breaks mid-request, is
-dropped: its connection closes, so its in-flight requests fail with
-``EngineUnavailableError`` and the executor re-runs them on another engine.
+Two ways in:
+- configured at start (``add``): the in-process builtin engine, and servers named on the
+  command line (SGLang, OpenAI-compatible). One that fails is marked *down*: it gets no
+  work, and is probed every ``probe_interval_s`` until it answers again.
+- registered engine processes (``POST /v1/engines``), which then heartbeat their load.
+  One that misses heartbeats for ``expiry_s``, or whose connection breaks, is dropped:
+  its connection closes, so its in-flight requests fail with ``EngineUnavailableError``
+  and the dispatcher re-runs them on another engine. It registers again when back.
 """
 
 from __future__ import annotations
@@ -15,51 +19,64 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
-from parrot.service.engine.base import Engine
-from parrot.service.engine.remote import RemoteEngine
-from parrot.service.engine.remote_protocol import EngineRegistration, LoadInfo
+from parrot.service.engine.base import Engine, EngineError
+from parrot.service.engine.remote.client import RemoteEngine
+from parrot.service.engine.remote.protocol import EngineRegistration, LoadInfo
 from parrot.service.errors import BadRequestError, NotFoundError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
 DEFAULT_EXPIRY_S = 5.0
+DEFAULT_PROBE_INTERVAL_S = 2.0
 
 
 @dataclass(eq=False)
 class EngineHandle:
     id: str
     engine: Engine
-    kind: Literal["local", "remote"]
-    url: str | None = None
+    registered: bool = False  # an engine process that registered itself and heartbeats
+    down: str | None = None  # why a configured engine gets no work now, until it answers again
+    started: bool = False
     last_heartbeat: float = field(default_factory=time.monotonic)
 
     @property
     def model(self) -> str:
         return self.engine.model_name
 
+    @property
+    def kind(self) -> str:
+        return self.engine.kind
+
+    @property
+    def url(self) -> str | None:
+        return self.engine.url
+
 
 class EngineRegistry:
     def __init__(self, *, heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
-                 expiry_s: float = DEFAULT_EXPIRY_S) -> None:
+                 expiry_s: float = DEFAULT_EXPIRY_S,
+                 probe_interval_s: float = DEFAULT_PROBE_INTERVAL_S) -> None:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.expiry_s = expiry_s
+        self.probe_interval_s = probe_interval_s
         self.handles: dict[str, EngineHandle] = {}
         self._ids = itertools.count()
         self._changed = asyncio.Event()  # set whenever an engine joins
         self._expiry_task: asyncio.Task | None = None
+        self._probes: dict[str, asyncio.Task] = {}
         self.on_removed: list[Callable[[EngineHandle], None]] = []
 
     # ---- membership -------------------------------------------------------------------
-    def add_local(self, engine: Engine) -> EngineHandle:
-        return self._add(EngineHandle(f"engine-{next(self._ids)}", engine, "local"))
+    def add(self, engine: Engine) -> EngineHandle:
+        """An engine configured at start (started with the registry)."""
+        return self._add(EngineHandle(f"engine-{next(self._ids)}", engine))
 
     async def register_remote(self, registration: EngineRegistration) -> EngineHandle:
         """Connect to an engine process; the same URL registering again replaces the old entry."""
         for handle in list(self.handles.values()):
-            if handle.url == registration.url:
+            if handle.registered and handle.url == registration.url:
                 await self.remove(handle.id, "it registered again")
         engine = RemoteEngine(registration.url)
         try:
@@ -72,7 +89,7 @@ class EngineRegistry:
             await engine.shutdown()
             raise BadRequestError(f"the engine at {registration.url} serves {engine.model_name!r}, "
                                   f"not {registration.model!r}", param="model")
-        handle = self._add(EngineHandle(f"engine-{next(self._ids)}", engine, "remote", registration.url))
+        handle = self._add(EngineHandle(f"engine-{next(self._ids)}", engine, registered=True, started=True))
         logger.info("engine %s registered from %s (%s)", handle.id, handle.url, handle.model)
         return handle
 
@@ -101,14 +118,50 @@ class EngineRegistry:
         logger.warning("engine %s dropped: %s", engine_id, reason)
         for callback in self.on_removed:
             callback(handle)
-        if handle.kind == "remote":
+        if handle.registered:
             await handle.engine.shutdown()  # fails its in-flight streams
+
+    async def failed(self, handle: EngineHandle, reason: str) -> None:
+        """``handle``'s engine stopped answering: drop a registered process (it registers again
+        when back); mark a configured engine down and probe it until it answers."""
+        if handle.registered:
+            await self.remove(handle.id, reason)
+            return
+        if handle.down is not None or handle.id not in self.handles:
+            return
+        handle.down = reason
+        logger.warning("engine %s (%s) is down: %s", handle.id, handle.url or handle.kind, reason)
+        for callback in self.on_removed:  # its cache is gone or unknown
+            callback(handle)
+        self._probes[handle.id] = asyncio.create_task(self._probe(handle))
+
+    async def _probe(self, handle: EngineHandle) -> None:
+        try:
+            while handle.id in self.handles:
+                await asyncio.sleep(self.probe_interval_s)
+                if await handle.engine.health():
+                    if not handle.started:
+                        try:
+                            await handle.engine.start()
+                        except EngineError:
+                            continue
+                        handle.started = True
+                    handle.down = None
+                    logger.info("engine %s (%s) answers again", handle.id, handle.url or handle.kind)
+                    self._changed.set()
+                    self._changed = asyncio.Event()
+                    return
+        finally:
+            self._probes.pop(handle.id, None)
 
     # ---- queries ---------------------------------------------------------------------
     def engines(self, model: str | None = None) -> list[EngineHandle]:
-        return [h for h in self.handles.values() if model is None or h.model == model]
+        """The engines that take work now (none marked down), of ``model`` if given."""
+        return [h for h in self.handles.values()
+                if h.down is None and (model is None or h.model == model)]
 
     def models(self) -> list[str]:
+        """Every model served, an engine marked down included (its model is still served)."""
         return list(dict.fromkeys(h.model for h in self.handles.values()))
 
     @property
@@ -129,15 +182,24 @@ class EngineRegistry:
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the configured engines. A server that does not start now is marked down and
+        probed like one that failed later; the in-process engine must start."""
         for handle in self.engines():
-            await handle.engine.start()
+            try:
+                await handle.engine.start()
+                handle.started = True
+            except EngineError as exc:
+                if handle.url is None:
+                    raise
+                await self.failed(handle, f"it did not start: {exc}")
         self._expiry_task = asyncio.create_task(self._expire())
 
     async def stop(self) -> None:
-        if self._expiry_task is not None:
-            self._expiry_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry_task
+        for task in [self._expiry_task, *self._probes.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for handle in list(self.handles.values()):
             await handle.engine.shutdown()
         self.handles.clear()
@@ -147,5 +209,5 @@ class EngineRegistry:
             await asyncio.sleep(min(self.heartbeat_interval_s, self.expiry_s) / 2)
             now = time.monotonic()
             for handle in list(self.handles.values()):
-                if handle.kind == "remote" and now - handle.last_heartbeat > self.expiry_s:
+                if handle.registered and now - handle.last_heartbeat > self.expiry_s:
                     await self.remove(handle.id, f"no heartbeat for {self.expiry_s:g} s")

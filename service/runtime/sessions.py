@@ -19,9 +19,9 @@ from parrot.schemas import (
     VariableInfo,
 )
 from parrot.service.errors import ConflictError, NotFoundError
-from parrot.service.native.executor import Executor
-from parrot.service.native.graph import Call, SessionGraph, Variable, call_variable_ids
-from parrot.service.native.objectives import apply_fetch, assign_task_groups
+from parrot.service.runtime.executor import Executor
+from parrot.service.runtime.graph import Call, SessionGraph, Variable, call_variable_ids
+from parrot.service.runtime.objectives import apply_fetch, assign_task_groups
 
 DEFAULT_IDLE_TIMEOUT_S = 3600.0
 
@@ -95,7 +95,7 @@ class SessionManager:
     # ---- graph operations ------------------------------------------------------------
     def submit(self, graph: GraphSubmit) -> list[str]:
         session = self.get(graph.session_id)
-        self.executor.check(graph.calls)
+        static_prefixes = self.executor.prepare(graph.calls)
         declared = {v.id for v in graph.variables}
         for fetch in graph.fetches:  # an unknown id is refused before anything is added
             if fetch.var not in declared:
@@ -106,7 +106,7 @@ class SessionManager:
             for call in apply_fetch(session.graph.variable(fetch.var), fetch.criterion):
                 if call.state == "running":  # from an earlier submission
                     self.executor.reprioritize_soon(call)
-        self.executor.calls_added(calls)
+        self.executor.calls_added(calls, static_prefixes)
         return [c.id for c in calls]
 
     def set_variable(self, session: Session, var_id: str, value: str | None, error: str | None) -> Variable:

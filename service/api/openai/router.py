@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from parrot.service.http_utils import EventStream, run_until_disconnect, sse_response
-from parrot.service.openai.protocol import (
+from parrot.service.api.http import EventStream, run_until_disconnect, sse_response
+from parrot.service.api.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -15,7 +15,7 @@ from parrot.service.openai.protocol import (
     ModelCard,
     ModelList,
 )
-from parrot.service.openai.serving import OpenAIServing
+from parrot.service.api.openai.serving import OpenAIServing
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

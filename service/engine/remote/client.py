@@ -20,14 +20,14 @@ import httpx
 
 from parrot.service.engine.base import (
     Engine,
-    EngineError,
+    EngineUnavailableError,
     GenerateOutput,
     GenerateRequest,
     InvalidRequestError,
     Load,
     Objective,
 )
-from parrot.service.engine.remote_protocol import (
+from parrot.service.engine.remote.protocol import (
     EngineInfo,
     GenerateBody,
     LoadInfo,
@@ -36,11 +36,7 @@ from parrot.service.engine.remote_protocol import (
     PriorityBody,
     RequestRef,
 )
-from parrot.service.engine.tokenization import HFTokenization
-
-
-class EngineUnavailableError(EngineError):
-    """The engine cannot be reached (its process died, or the network failed)."""
+from parrot.service.engine.tokenizer import ModelTokenizer
 
 
 def load_tokenizer_files(files: dict[str, str]) -> Any:
@@ -53,37 +49,40 @@ def load_tokenizer_files(files: dict[str, str]) -> Any:
         return AutoTokenizer.from_pretrained(tmp)
 
 
-class RemoteEngine(HFTokenization, Engine):
+class RemoteEngine(Engine):
+    kind = "remote"
+    supports_prefix_control = True
+
     def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
         self.url = url.rstrip("/")
         self._client = httpx.AsyncClient(
             base_url=self.url, timeout=httpx.Timeout(connect_timeout_s, read=None)
         )
         self._load = Load(0, 0, 0, 0, 0)
-        self._prefix_ids: list[int] = []
         self.model_name = ""
         self.max_context_len = 0
-        self.tokenizer: Any = None
         self.closed = False
 
     async def start(self) -> None:
         """Fetch the engine's model, limits and tokenizer."""
         info = EngineInfo.model_validate((await self._get("/info")).json())
         self.model_name, self.max_context_len = info.model, info.max_context_len
-        self._prefix_ids = info.prompt_prefix_ids
-        self.tokenizer = await asyncio.to_thread(load_tokenizer_files, info.tokenizer_files)
+        hf = await asyncio.to_thread(load_tokenizer_files, info.tokenizer_files)
+        self.tokenizer = ModelTokenizer(hf, self.model_name)
 
     async def shutdown(self) -> None:
         """Close the connection; streams still open fail with ``EngineUnavailableError``."""
         self.closed = True
         await self._client.aclose()
 
-    @property
-    def prompt_prefix_ids(self) -> list[int]:
-        return list(self._prefix_ids)
-
     def load(self) -> Load:
         return self._load
+
+    async def health(self) -> bool:
+        try:
+            return (await self._client.get("/healthz")).status_code == 200
+        except (httpx.TransportError, RuntimeError):
+            return False
 
     def update_load(self, load: LoadInfo) -> None:
         self._load = Load(**load.model_dump())

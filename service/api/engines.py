@@ -6,9 +6,9 @@ from dataclasses import asdict
 
 from fastapi import APIRouter, Request
 
-from parrot.service.cluster.placement import GlobalScheduler
-from parrot.service.cluster.registry import EngineHandle, EngineRegistry
-from parrot.service.engine.remote_protocol import EngineRegistration, LoadInfo, Registered
+from parrot.service.dispatch.registry import EngineHandle, EngineRegistry
+from parrot.service.dispatch.scheduler import GlobalScheduler
+from parrot.service.engine.remote.protocol import EngineRegistration, LoadInfo, Registered
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
@@ -17,18 +17,13 @@ def _registry(request: Request) -> EngineRegistry:
     return request.app.state.registry
 
 
-def engine_kind(handle: EngineHandle) -> str:
-    """``BuiltinEngine`` -> ``"builtin"``, ``RemoteEngine`` -> ``"remote"``."""
-    name = type(handle.engine).__name__
-    return name.removesuffix("Engine").lower() or name
-
-
 def engine_info(handle: EngineHandle, scheduler: GlobalScheduler) -> dict:
     stats = scheduler.stats.get(handle.id)
     return {
         "id": handle.id,
-        "name": engine_kind(handle),
-        "kind": handle.kind,
+        "kind": handle.kind,  # builtin, remote (an engine process), sglang or openai
+        "registered": handle.registered,  # an engine process that registered itself
+        "down": handle.down,  # why it gets no work now, if so
         "url": handle.url,
         "model": handle.model,
         "max_context_len": handle.engine.max_context_len,

@@ -12,7 +12,7 @@ together (they are only useful once all of them are done).
 from __future__ import annotations
 
 from parrot.schemas import Criterion
-from parrot.service.native.graph import Call, Variable
+from parrot.service.runtime.graph import Call, Variable
 
 # Base priority per criterion; a call on the critical path adds PATH_WEIGHT.
 _BASE = {Criterion.LATENCY: 100, Criterion.TTFT: 100, Criterion.THROUGHPUT: 0}

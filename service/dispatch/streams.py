@@ -1,41 +1,39 @@
-"""Run the engine requests behind one API request as a group.
+"""Run the dispatched requests behind one API request as a group.
 
-One API request can carry several prompts (an OpenAI ``prompt`` list). Their engine
-streams start together, are read as one merged stream of ``(index, output)``, and
-close together: closing the group aborts every request still running in the engine,
-which is how a client disconnect frees its KV.
+One API request can carry several prompts (an OpenAI ``prompt`` list). Their streams
+start together, are read as one merged stream of ``(index, output)``, and close
+together: closing the group aborts every request still running in its engine, which
+is how a client disconnect frees its KV.
 
-    engine.generate(r0) ──► pump task ──┐
-    engine.generate(r1) ──► pump task ──┼──► queue ──► outputs(): (index, output) ...
-    engine.generate(r2) ──► pump task ──┘
+    dispatch 0 ──► pump task ──┐
+    dispatch 1 ──► pump task ──┼──► queue ──► outputs(): (index, output) ...
+    dispatch 2 ──► pump task ──┘
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Sequence
 
-from parrot.service.engine.base import Engine, EngineError, GenerateOutput, GenerateRequest
+from parrot.service.dispatch.dispatcher import Dispatch
+from parrot.service.engine.base import EngineError, GenerateOutput
 
 _DONE = None  # a pump's last queue item
 
 
 class RequestGroup:
-    def __init__(self, engine: Engine, requests: Sequence[GenerateRequest]) -> None:
-        self.requests = list(requests)
-        self._streams: list[AsyncIterator[GenerateOutput]] = [
-            engine.generate(r) for r in self.requests
-        ]
+    def __init__(self, dispatches: Sequence[Dispatch]) -> None:
+        self.dispatches = list(dispatches)
+        self._streams: list[AsyncIterator[GenerateOutput]] = [aiter(d) for d in self.dispatches]
         self._queue: asyncio.Queue[tuple[int, GenerateOutput | BaseException | None]] = (
             asyncio.Queue()
         )
         self._tasks: list[asyncio.Task] = []
-        self.last: list[GenerateOutput | None] = [None] * len(self.requests)
+        self.last: list[GenerateOutput | None] = [None] * len(self.dispatches)
         self._closed = False
 
     def __len__(self) -> int:
-        return len(self.requests)
+        return len(self.dispatches)
 
     async def start(self) -> list[GenerateOutput]:
         """Submit every request and wait for each one's first output, which it returns.
@@ -98,11 +96,8 @@ class RequestGroup:
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        for stream in self._streams:
-            aclose = getattr(stream, "aclose", None)  # the Engine API promises an AsyncIterator
-            if aclose is not None:
-                with contextlib.suppress(RuntimeError):  # "already running": its task closes it
-                    await aclose()
+        for dispatch in self.dispatches:
+            await dispatch.aclose()
 
 
 async def _first_output(stream: AsyncIterator[GenerateOutput]) -> GenerateOutput:

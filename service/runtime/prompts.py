@@ -1,4 +1,5 @@
-"""Chat calls: messages whose contents mix static text and input variables.
+"""Prompt rendering for calls: a template call's static start, and chat calls (messages
+whose contents mix static text and input variables).
 
 The prompt is the model's chat template applied to the messages with every input's
 value in place, tokenized whole: the same text, and so the same token ids, as
@@ -18,8 +19,9 @@ import re
 import uuid
 from collections.abc import Callable
 
-from parrot.schemas import InputSegment, MessageDecl, TextSegment
-from parrot.service.engine.base import Engine, InvalidRequestError
+from parrot.schemas import CallDecl, InputSegment, MessageDecl, TextSegment
+from parrot.service.engine.base import InvalidRequestError
+from parrot.service.engine.tokenizer import ModelTokenizer
 from parrot.service.errors import BadRequestError
 
 PromptPiece = str | InputSegment  # static prompt text, or an input whose value goes there
@@ -39,10 +41,10 @@ def template_messages(messages: list[MessageDecl],
     return out
 
 
-def render(engine: Engine, messages: list[dict[str, str]]) -> str:
+def render(tokenizer: ModelTokenizer, messages: list[dict[str, str]]) -> str:
     """The chat template's text; a template that raises (e.g. roles must alternate) is a 400."""
     try:
-        return engine.render_chat_template(messages)
+        return tokenizer.render_chat_template(messages)
     except InvalidRequestError:  # the model has no chat template
         raise
     except Exception as exc:
@@ -50,12 +52,17 @@ def render(engine: Engine, messages: list[dict[str, str]]) -> str:
                               param="messages") from exc
 
 
-def prompt_ids(engine: Engine, messages: list[MessageDecl], values: dict[str, str]) -> list[int]:
-    """The prompt of a chat call whose inputs have ``values`` (by variable id)."""
-    return engine.encode(render(engine, template_messages(messages, lambda s: values[s.var])))
+def chat_messages(messages: list[MessageDecl], values: dict[str, str]) -> list[dict[str, str]]:
+    """The messages of a chat call whose inputs have ``values`` (by variable id)."""
+    return template_messages(messages, lambda s: values[s.var])
 
 
-def layout(engine: Engine, messages: list[MessageDecl]) -> list[PromptPiece]:
+def encode_chat(tokenizer: ModelTokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt of rendered chat messages, tokenized whole."""
+    return tokenizer.encode(render(tokenizer, messages))
+
+
+def layout(tokenizer: ModelTokenizer, messages: list[MessageDecl]) -> list[PromptPiece]:
     """The rendered prompt as static text and the inputs in it, in prompt order."""
     marker = f"@@parrot-input-{uuid.uuid4().hex}-"
     inputs: list[InputSegment] = []
@@ -64,7 +71,7 @@ def layout(engine: Engine, messages: list[MessageDecl]) -> list[PromptPiece]:
         inputs.append(segment)
         return f"{marker}{len(inputs) - 1}@@"
 
-    text = render(engine, template_messages(messages, place))
+    text = render(tokenizer, template_messages(messages, place))
     pieces: list[PromptPiece] = []
     for i, part in enumerate(re.split(f"{re.escape(marker)}(\\d+)@@", text)):
         if i % 2:
@@ -74,11 +81,19 @@ def layout(engine: Engine, messages: list[MessageDecl]) -> list[PromptPiece]:
     return pieces
 
 
-def static_prefix_ids(engine: Engine, messages: list[MessageDecl]) -> list[int]:
-    """The prompt tokens known before any input is set."""
-    pieces = layout(engine, messages)
-    static = [p for p in pieces if isinstance(p, str)]
-    if len(static) == len(pieces):  # no inputs: the whole prompt is known
-        return engine.encode("".join(static))
-    head = pieces[0] if isinstance(pieces[0], str) else ""
-    return engine.encode(head)[:-1]  # the last token may merge with the input's text
+def static_prefix(tokenizer: ModelTokenizer, decl: CallDecl) -> list[int]:
+    """The prompt tokens of a call known before any input is set. A chat call's messages are
+    rendered here, once per call, so a template that refuses them is a 400 at submission."""
+    if decl.messages is not None:
+        pieces = layout(tokenizer, decl.messages)
+        static = [p for p in pieces if isinstance(p, str)]
+        if len(static) == len(pieces):  # no inputs: the whole prompt is known
+            return tokenizer.encode("".join(static))
+        head = pieces[0] if isinstance(pieces[0], str) else ""
+        return tokenizer.encode(head)[:-1]  # the last token may merge with the input's text
+    tokens = list(tokenizer.prompt_prefix_ids)
+    for segment in decl.segments:
+        if not isinstance(segment, TextSegment):
+            break
+        tokens += tokenizer.encode(segment.text)  # segment by segment, as the prompt is built
+    return tokens

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from parrot.service.app import create_app
-from parrot.service.worker import create_worker_app
-from tests.service.native.test_native_api import Native, inp, out, text
+from parrot.service.engine.remote.worker import create_worker_app
+from tests.service.runtime.test_native_api import Native, inp, out, text
 
 
 def wait_until(predicate, timeout=30.0, what="condition"):
@@ -126,7 +126,7 @@ def test_a_pending_calls_prefix_is_pinned_until_it_runs(cluster, tiny_engine_fac
     engine = tiny_engine_factory(kv_cache_gib=1e-6)[0]  # the smallest pool: 256 slots
     service = cluster.enter(serve_app(create_app(engine)))
     shared = "The shared instructions: summarise the text below in one line, plainly. " * 3
-    prefix = engine.prompt_prefix_ids + engine.encode(shared)
+    prefix = engine.tokenizer.prompt_prefix_ids + engine.tokenizer.encode(shared)
     assert len(prefix) >= 32
     with httpx.Client(base_url=service, timeout=60) as http:
         native = Native(http)
@@ -181,10 +181,10 @@ def test_the_work_of_a_dead_engine_is_resumed_elsewhere_and_nothing_is_lost(
             cluster.worker(service)
             value = native.get("v", timeout=120)
             assert value["ready"], value
-            prompt = engine.prompt_prefix_ids + engine.encode("Go:")
+            prompt = engine.tokenizer.prompt_prefix_ids + engine.tokenizer.encode("Go:")
             expected = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
                                    do_sample=False)[0, len(prompt):].tolist()
-            assert value["value"] == engine.decode(expected)
+            assert value["value"] == engine.tokenizer.decode(expected)
             [survivor] = engines(http)
             assert native.call("long")["engine"] == survivor["id"]
     finally:

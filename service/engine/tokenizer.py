@@ -1,0 +1,67 @@
+"""A served model's tokenizer and chat template, apart from the engine that runs the model.
+
+The service builds every prompt as token ids with the ``ModelTokenizer`` of the model it
+goes to, the same way for every backend: an engine process or an SGLang server needs no
+tokenizing of its own, only the same vocabulary.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+
+class ModelTokenizer:
+    """Text <-> token ids and chat rendering through a ``transformers`` tokenizer."""
+
+    def __init__(self, hf_tokenizer: Any, model_name: str) -> None:
+        self.hf = hf_tokenizer
+        self.model_name = model_name
+
+    @classmethod
+    def from_path(cls, path: str | Path, model_name: str) -> ModelTokenizer:
+        """Load from a Hugging Face folder (``tokenizer.json`` and its config)."""
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(path)), model_name)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of ``token_ids``, special tokens left out (as outputs are reported)."""
+        return self.hf.decode(token_ids, skip_special_tokens=True)
+
+    def prompt_text(self, token_ids: list[int]) -> str:
+        """Text of a prompt's ids with its special tokens kept (chat markers, BOS), for servers
+        that take prompts as text only."""
+        return self.hf.decode(token_ids, skip_special_tokens=False)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def render_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of ``messages`` in the model's chat template, with the generation
+        prompt appended; raises ``InvalidRequestError`` when the model has no chat template."""
+        from parrot.service.engine.base import InvalidRequestError
+
+        if not self.has_chat_template:
+            raise InvalidRequestError(f"model {self.model_name!r} has no chat template")
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the rendered chat: the text tokenized whole, with no special tokens
+        added beyond those the template writes (as ``transformers`` does)."""
+        return self.encode(self.render_chat_template(messages))
+
+    @cached_property
+    def prompt_prefix_ids(self) -> list[int]:
+        """Special tokens a prompt starts with (e.g. BOS), if the model wants any."""
+        return list(self.hf.encode("", add_special_tokens=True))
+
+    @cached_property
+    def vocab_size(self) -> int:
+        return len(self.hf)
