@@ -157,6 +157,10 @@ class Dispatch:
             self.handle = preferred
         else:
             self.handle = d.scheduler.place(candidates, prompt, self.objective, self.request.group_id)
+        # Counted in flight from now on, so the next placement (a sibling placed in the same
+        # tick) sees this one.
+        d.scheduler.begin(self.handle, self.objective, prompt)
+        self._counted = True
         if self.request.on_placed is not None:
             await self.request.on_placed(self.handle, prompt)
 
@@ -188,6 +192,8 @@ class Dispatch:
         if stream is not None:
             with contextlib.suppress(RuntimeError):  # "already running": its reader's task closes it
                 await stream.aclose()  # type: ignore[attr-defined]
+        elif self.handle is not None:
+            self._end_count(self.handle)  # placed, never started
         if not self.finished:
             self.finished = True
             self._dispatcher.record_aborted(self.request.endpoint)
@@ -215,8 +221,6 @@ class Dispatch:
                 messages=req.messages if not ids else None,
             )
             self.engine_request_id = engine_request.request_id
-            d.scheduler.begin(handle, self.objective, engine_request.prompt_token_ids)
-            self._counted = True
             try:
                 async with contextlib.aclosing(handle.engine.generate(engine_request)) as stream:
                     async for out in stream:

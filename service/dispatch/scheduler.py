@@ -1,8 +1,11 @@
 """Global scheduling: which engine runs a ready call.
 
 Rules, in order:
-1. Task group: a call whose group already runs somewhere goes there too, so the
-   group's members batch together (they are only useful once all are done).
+1. Task group: a throughput call whose group already runs somewhere goes there too,
+   so the group's members batch together (they are only useful once all are done)
+   and other engines stay free for other work. A group someone waits for (latency)
+   spreads instead, by the rules below: its consumer starts when its last member
+   ends, so using every engine shortens the wait.
 2. Objective and load: a latency call may only go to an engine with the fewest
    latency requests in flight (its per-token latency depends on how much latency
    work shares the batch); a throughput call to an engine whose requests in flight
@@ -57,7 +60,7 @@ class GlobalScheduler:
         if not candidates:
             raise ValueError("no engine to place on")
         by_id = {h.id: h for h in candidates}
-        if group is not None and self._groups.get(group) in by_id:
+        if group is not None and objective != "latency" and self._groups.get(group) in by_id:
             return by_id[self._groups[group]]
         if objective == "latency":
             fewest = min(self._stats(h).latency for h in candidates)

@@ -266,8 +266,8 @@ async def test_default_model_answers_in_schema():
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                                "colors": colors},
               "required": ["name", "age", "colors"], "additionalProperties": False}
-    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Tom is a 3 year old cat, black and "
-                                                                   "white. Reply in JSON."}])
+    chat = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tom is a 3 year old cat, black and white. Reply in JSON."}])
     try:
         plain = await run(engine, chat, SamplingParams(max_new_tokens=8, temperature=0))
         _, text, last = await run(engine, chat, constrained(schema, n=64))

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -12,6 +20,7 @@ import pytest
 
 from parrot.service.app import create_app
 from parrot.service.engine.builtin.engine import BuiltinEngine
+from tests.conftest import make_tiny_model
 
 
 @dataclass
@@ -71,3 +80,70 @@ def metric():
     """``metric(text, name, **labels)``: read one sample from a /metrics page."""
     return read_metric
 
+
+
+@dataclass
+class Upstream:
+    """A second, real ``parrot serve`` process on loopback, serving ``tiny-llama`` (the same
+    weights and name as ``tiny_engine_factory``'s engines)."""
+
+    url: str  # the server root; the API is under /v1
+    model: str
+    folder: Path  # the model it serves (weights and tokenizer files)
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}/v1"
+
+    async def completion(self, prompt: list[int], **params: Any) -> dict:
+        """The server's own (non-streamed) answer to a greedy completion."""
+        async with httpx.AsyncClient(base_url=self.api, timeout=60) as http:
+            r = await http.post("/completions", json={"prompt": prompt, "temperature": 0, **params})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def metric(self, name: str, **labels: str) -> float:
+        return read_metric(httpx.get(f"{self.url}/metrics", timeout=10).text, name, **labels)
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 120) -> None:
+    """Wait until ``url`` answers 200, or fail with the end of the process's log."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args} did not come up:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def upstream(tokenizer, tmp_path_factory) -> Iterator[Upstream]:
+    folder = tmp_path_factory.mktemp("upstream") / "tiny-llama"
+    make_tiny_model(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    port = free_port()
+    log_path = folder / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "parrot.service", "serve", "--model", str(folder), "--port", str(port),
+             "--device", "cpu", "--threads", "1", "--kv-cache-gib", "0.05", "--log-level", "warning"],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/healthz", proc, log_path)
+        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        yield Upstream(url, model, folder)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

@@ -7,13 +7,13 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from parrot.service.errors import validation_error_info
 from parrot.service.api.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionStreamChoice,
     CompletionRequest,
     DeltaMessage,
 )
+from parrot.service.errors import validation_error_info
 
 USER = {"role": "user", "content": "hi"}
 

@@ -118,7 +118,8 @@ def test_usage_metadata_counts_the_prompt_the_reply_and_the_cached_prefix(servic
     model = chat(service, max_tokens=9)
     messages = [HumanMessage("Count the prompt tokens of this message, please.")]
     first, second = model.invoke(messages), model.invoke(messages)
-    prompt_len = len(service.engine.tokenizer.apply_chat_template([{"role": "user", "content": messages[0].content}]))
+    prompt = [{"role": "user", "content": messages[0].content}]
+    prompt_len = len(service.engine.tokenizer.apply_chat_template(prompt))
     for reply in (first, second):
         usage = reply.usage_metadata
         assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (

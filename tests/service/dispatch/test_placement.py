@@ -81,6 +81,17 @@ def test_a_task_group_stays_together_and_forgets_a_dead_engine(engines):
     assert "reduce" not in scheduler._groups
 
 
+def test_a_task_group_someone_waits_for_spreads_over_the_engines(engines):
+    scheduler = GlobalScheduler()
+    a, b, c = engines
+    placed = []
+    for i in range(6):
+        handle = scheduler.place([a, b, c], [i], "latency", group="reduce")
+        scheduler.begin(handle, "latency", [i])
+        placed.append(handle)
+    assert [placed.count(h) for h in (a, b, c)] == [2, 2, 2]
+
+
 def test_in_flight_counts_return_to_zero(engines):
     a = engines[0]
     scheduler = GlobalScheduler()

@@ -290,5 +290,5 @@ def test_prompt_ids_match_transformers_and_start_with_the_static_prefix(tiny_eng
     assert len(prefix) > 8 and ids[:len(prefix)] == prefix  # at least the system message
     pieces = prompts.layout(engine.tokenizer, messages)
     assert [p.var for p in pieces if not isinstance(p, str)] == ["v"]
-    assert "".join(p if isinstance(p, str) else value for p in pieces) == engine.tokenizer.render_chat_template(
-        prompts.template_messages(messages, lambda s: value))
+    rendered = engine.tokenizer.render_chat_template(prompts.template_messages(messages, lambda s: value))
+    assert "".join(p if isinstance(p, str) else value for p in pieces) == rendered
