@@ -19,7 +19,7 @@ from parrot.service.api.openai.router import router as openai_router
 from parrot.service.api.openai.serving import DEFAULT_MAX_TOKENS, OpenAIServing
 from parrot.service.api.ops import router as ops_router
 from parrot.service.dispatch.dispatcher import DEFAULT_ENGINE_WAIT_S, Dispatcher
-from parrot.service.dispatch.registry import DEFAULT_EXPIRY_S, EngineRegistry
+from parrot.service.dispatch.registry import DEFAULT_EXPIRY_S, DEFAULT_PROBE_INTERVAL_S, EngineRegistry
 from parrot.service.dispatch.scheduler import GlobalScheduler
 from parrot.service.engine.base import Engine
 from parrot.service.errors import install_exception_handlers
@@ -31,10 +31,11 @@ from parrot.service.runtime.sessions import DEFAULT_IDLE_TIMEOUT_S, SessionManag
 def create_app(engines: Engine | Sequence[Engine] = (), *, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                session_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
                engine_expiry_s: float = DEFAULT_EXPIRY_S,
+               engine_probe_interval_s: float = DEFAULT_PROBE_INTERVAL_S,
                engine_wait_s: float = DEFAULT_ENGINE_WAIT_S) -> FastAPI:
     """The service over ``engines`` (started with it: the builtin engine, SGLang or
     OpenAI-compatible servers); with none, it waits for engine processes to register."""
-    registry = EngineRegistry(expiry_s=engine_expiry_s)
+    registry = EngineRegistry(expiry_s=engine_expiry_s, probe_interval_s=engine_probe_interval_s)
     for engine in [engines] if isinstance(engines, Engine) else engines:
         registry.add(engine)
     scheduler = GlobalScheduler()

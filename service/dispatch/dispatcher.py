@@ -159,7 +159,7 @@ class Dispatch:
             self.handle = d.scheduler.place(candidates, prompt, self.objective, self.request.group_id)
         # Counted in flight from now on, so the next placement (a sibling placed in the same
         # tick) sees this one.
-        d.scheduler.begin(self.handle, self.objective, prompt)
+        d.scheduler.begin(self.handle, self.objective)
         self._counted = True
         if self.request.on_placed is not None:
             await self.request.on_placed(self.handle, prompt)
@@ -221,6 +221,7 @@ class Dispatch:
                 messages=req.messages if not ids else None,
             )
             self.engine_request_id = engine_request.request_id
+            d.scheduler.sent(handle, engine_request.prompt_token_ids)
             try:
                 async with contextlib.aclosing(handle.engine.generate(engine_request)) as stream:
                     async for out in stream:

@@ -82,10 +82,12 @@ class GlobalScheduler:
         return self._stats(handle).index.match(tokens)
 
     # ---- bookkeeping -------------------------------------------------------------------
-    def begin(self, handle: EngineHandle, objective: str, tokens: Sequence[int]) -> None:
-        """Count a request in flight on ``handle``; its prompt will be in that engine's cache."""
+    def begin(self, handle: EngineHandle, objective: str, tokens: Sequence[int] = ()) -> None:
+        """Count a request in flight on ``handle``; ``tokens``, if given, will be in that
+        engine's cache (else ``sent`` says so when the request is sent)."""
         stats = self._stats(handle)
-        self.sent(handle, tokens)
+        if tokens:
+            self.sent(handle, tokens)
         if objective == "latency":
             stats.latency += 1
         else:

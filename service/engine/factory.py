@@ -146,7 +146,9 @@ def probe(spec: EngineSpec, timeout_s: float = 5.0) -> tuple[str, str | None]:
         body = resp.json()
         if spec.kind == "sglang":
             model_path = body.get("model_path") or body.get("tokenizer_path")
-            name = body.get("served_model_name") or Path(str(model_path)).name
+            name = body.get("served_model_name")
+            if not name or name == model_path:  # SGLang's default name is the model's path
+                name = Path(str(model_path)).name
             return spec.model or str(name), model_path and str(model_path)
         listed = [m["id"] for m in body["data"]]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

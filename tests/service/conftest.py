@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -17,10 +18,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 
 from parrot.service.app import create_app
 from parrot.service.engine.builtin.engine import BuiltinEngine
 from tests.conftest import make_tiny_model
+from tests.service.engine.sglang_standin import Received, create_sglang_standin
 
 
 @dataclass
@@ -147,3 +150,35 @@ def upstream(tokenizer, tmp_path_factory) -> Iterator[Upstream]:
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+@dataclass
+class StandIn:
+    url: str
+    app: FastAPI
+    engine: BuiltinEngine
+
+    def received(self, path: str) -> list[Received]:
+        return [r for r in self.app.state.requests if r.path == path]
+
+    def generate_bodies(self) -> list[dict[str, Any]]:
+        return [r.body for r in self.received("/generate")]
+
+
+@pytest.fixture
+def standin(tiny_engine_factory, serve_app) -> Iterator[Any]:
+    """``standin(engine=None, **options)``: a stand-in SGLang server on a loopback port, serving
+    ``engine`` or a new tiny builtin engine."""
+    built: list[BuiltinEngine] = []
+    with ExitStack() as servers:
+
+        def start(engine: BuiltinEngine | None = None, **options: Any) -> StandIn:
+            if engine is None:
+                engine, _ = tiny_engine_factory()
+                built.append(engine)
+            app = create_sglang_standin(engine, **options)
+            return StandIn(servers.enter_context(serve_app(app)), app, engine)
+
+        yield start
+    for engine in built:
+        asyncio.run(engine.shutdown())
