@@ -36,7 +36,8 @@ def engine_info(handle: EngineHandle, scheduler: GlobalScheduler) -> dict:
 @router.get("")
 async def list_engines(request: Request) -> dict:
     scheduler: GlobalScheduler = request.app.state.scheduler
-    return {"object": "list", "data": [engine_info(h, scheduler) for h in _registry(request).handles.values()]}
+    handles = _registry(request).handles.values()  # those marked down too
+    return {"object": "list", "data": [engine_info(h, scheduler) for h in handles]}
 
 
 @router.post("")
