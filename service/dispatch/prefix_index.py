@@ -26,7 +26,7 @@ class _Node:
     last_used: int = 0
 
 
-def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
@@ -49,7 +49,7 @@ class PrefixIndex:
             child = node.children.get(tokens[matched])
             if child is None:
                 break
-            n = _common_len(child.tokens, tokens[matched:matched + len(child.tokens)])
+            n = common_prefix_len(child.tokens, tokens[matched:matched + len(child.tokens)])
             matched += n
             child.last_used = now
             if n < len(child.tokens):
@@ -67,7 +67,7 @@ class PrefixIndex:
                 node.children[tokens[pos]] = leaf
                 self.num_tokens += len(leaf.tokens)
                 break
-            n = _common_len(child.tokens, tokens[pos:pos + len(child.tokens)])
+            n = common_prefix_len(child.tokens, tokens[pos:pos + len(child.tokens)])
             if n < len(child.tokens):
                 child = self._split(child, n)
             child.last_used = now

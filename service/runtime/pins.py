@@ -11,20 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
 
+from parrot.service.dispatch.prefix_index import common_prefix_len
 from parrot.service.dispatch.registry import EngineHandle
 from parrot.service.runtime.graph import Call
 
 MIN_PIN_TOKENS = 32
-
-
-def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class PrefixPins:
@@ -45,13 +37,13 @@ class PrefixPins:
         best = 0
         for prefix, calls in self.pending.items():
             if any(c is not call and c.group == call.group for c in calls):
-                best = max(best, _common_len(prompt, prefix))
+                best = max(best, common_prefix_len(prompt, prefix))
         return prompt[:best] if best >= self.min_tokens else []
 
     async def placed(self, handle: EngineHandle, prompt: list[int]) -> None:
         """A call with ``prompt`` went to ``handle``: pin what pending calls share with it."""
         for prefix, calls in list(self.pending.items()):  # a snapshot: awaits below let others in
-            n = _common_len(prompt, prefix)
+            n = common_prefix_len(prompt, prefix)
             if n < self.min_tokens:
                 continue
             digest = hashlib.blake2b(repr(prompt[:n]).encode(), digest_size=8).hexdigest()
