@@ -9,6 +9,7 @@ from typing import Annotated
 import httpx
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from parrot.service.engine.base import Engine
 from parrot.service.engine.builtin.engine import BuiltinEngine, BuiltinEngineConfig
@@ -257,5 +258,6 @@ def generate(
 
 
 def _fail(console: Console, message: str) -> int:
-    console.print(f"[red]error:[/] {message}")
+    # One line, as written: no wrapping, and brackets in the message are not markup.
+    console.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
     return 1

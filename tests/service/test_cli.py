@@ -66,3 +66,17 @@ def test_generate_on_the_default_model():
                                  "--max-tokens", "16"])
     assert result.exit_code == 0, result.output
     assert "Paris" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--engine", "sglang"], "expected KIND=URL"),
+    (["--engine", "tgi=http://127.0.0.1:9"], "unknown engine kind 'tgi'; use sglang or openai"),
+    (["--config", "/nowhere/parrot.toml"], "cannot read the config file /nowhere/parrot.toml"),
+    (["--no-local-engine", "--engine", "openai=http://127.0.0.1:9/v1"],
+     "the openai engine at http://127.0.0.1:9/v1 is unreachable"),
+])
+def test_serve_with_a_bad_engine_spec_fails_in_one_line(args, message):
+    result = runner.invoke(app, ["serve", *args])
+    assert result.exit_code == 1
+    assert message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
