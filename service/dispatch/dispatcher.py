@@ -221,6 +221,7 @@ class Dispatch:
                 messages=req.messages if not ids else None,
             )
             self.engine_request_id = engine_request.request_id
+            done_before = len(ids)  # tokens earlier engines generated
             d.scheduler.sent(handle, engine_request.prompt_token_ids)
             try:
                 async with contextlib.aclosing(handle.engine.generate(engine_request)) as stream:
@@ -231,7 +232,7 @@ class Dispatch:
                         out = replace(out, request_id=req.request_id,
                                       num_prompt_tokens=first.num_prompt_tokens,
                                       num_cached_tokens=first.num_cached_tokens,
-                                      num_output_tokens=len(ids) if ids else out.num_output_tokens)
+                                      num_output_tokens=done_before + out.num_output_tokens)
                         if out.finished:
                             if not out.error:
                                 d.scheduler.sent(handle, req.prompt_token_ids + ids)  # cached there too

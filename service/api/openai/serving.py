@@ -37,7 +37,7 @@ from parrot.service.api.openai.protocol import (
     SamplingRequest,
     UsageInfo,
 )
-from parrot.service.dispatch.dispatcher import Dispatcher, DispatchRequest
+from parrot.service.dispatch.dispatcher import Dispatch, Dispatcher, DispatchRequest
 from parrot.service.dispatch.sampling import sampling_params
 from parrot.service.dispatch.streams import RequestGroup
 from parrot.service.engine.base import GenerateOutput, InvalidRequestError, SamplingParams
@@ -247,7 +247,14 @@ class OpenAIServing:
                 group_id=response_id if len(prompts) > 1 else None,  # a request's prompts stay together
                 messages=messages, endpoint=endpoint, request_id=f"{response_id}-{i}",
             ))
-        dispatches = [await self.dispatcher.open(r) for r in requests]
+        dispatches: list[Dispatch] = []
+        try:
+            for r in requests:
+                dispatches.append(await self.dispatcher.open(r))
+        except BaseException:
+            for dispatch in dispatches:  # placed already: counted in flight until closed
+                await dispatch.aclose()
+            raise
         group = _Served(dispatches, model, response_id)
         try:
             firsts = await group.start()
@@ -283,7 +290,7 @@ class OpenAIServing:
 class _Served(RequestGroup):
     """The dispatched requests of one API request."""
 
-    def __init__(self, dispatches: list, model: str, response_id: str) -> None:
+    def __init__(self, dispatches: list[Dispatch], model: str, response_id: str) -> None:
         super().__init__(dispatches)
         self.model = model
         self.response_id = response_id
