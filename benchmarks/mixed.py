@@ -10,7 +10,8 @@ runs, throughput work only gets what is left of ``--latency-step-tokens`` per st
 (1 here: nothing), and takes the whole batch again in between. On a CPU in float32
 the step time roughly doubles from one row to two (small matrix products are no
 cheaper per row), so a chat decodes fastest alone. The request-centric way serves
-every call alike on the least loaded engine.
+every call alike, as any OpenAI request: on an engine with the fewest requests in
+flight, the one holding its prompt's prefix if any.
 
 Chat latency is the normalized latency of the Parrot paper: a turn's end-to-end time
 over its output tokens, averaged over turns.
