@@ -222,10 +222,16 @@ class Dispatch:
             )
             self.engine_request_id = engine_request.request_id
             done_before = len(ids)  # tokens earlier engines generated
+            expected_hit = d.scheduler.affinity(handle, engine_request.prompt_token_ids)
+            reported = not handle.engine.supports_prefix_control  # its cache hit, once per attempt
             d.scheduler.sent(handle, engine_request.prompt_token_ids)
             try:
                 async with contextlib.aclosing(handle.engine.generate(engine_request)) as stream:
                     async for out in stream:
+                        if not reported:
+                            reported = True
+                            d.scheduler.cache_hit(handle, engine_request.prompt_token_ids, expected_hit,
+                                                  out.num_cached_tokens)
                         first = first or out
                         ids += out.token_ids
                         text += out.text

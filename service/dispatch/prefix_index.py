@@ -74,6 +74,35 @@ class PrefixIndex:
             node, pos = child, pos + n
         self._evict(self.num_tokens - capacity)
 
+    def forget_after(self, tokens: Sequence[int], n: int) -> None:
+        """The engine holds only ``tokens[:n]`` (it said so: a shorter cache hit than recorded),
+        so whatever is recorded past that point along ``tokens`` was evicted there."""
+        node, pos = self._root, 0
+        while n < len(tokens):
+            child = node.children.get(tokens[pos])
+            if child is None:
+                return
+            span = common_prefix_len(child.tokens, tokens[pos:pos + len(child.tokens)])
+            if pos + span <= n:  # the cut is further down
+                if span < len(child.tokens):
+                    return  # what is recorded leaves ``tokens`` before the cut
+                node, pos = child, pos + span
+                continue
+            if n > pos:  # the cut falls inside this edge: split it there
+                node = self._split(child, n - pos)
+                child = node.children[tokens[n]]
+            del node.children[tokens[n]]
+            self.num_tokens -= self._size(child)
+            return
+
+    def _size(self, node: _Node) -> int:
+        total, stack = 0, [node]
+        while stack:
+            current = stack.pop()
+            total += len(current.tokens)
+            stack.extend(current.children.values())
+        return total
+
     def _split(self, node: _Node, n: int) -> _Node:
         """Cut ``node``'s edge after ``n`` tokens; return the new upper half."""
         assert node.parent is not None

@@ -116,6 +116,14 @@ class GlobalScheduler:
         capacity = handle.engine.load().kv_tokens_total or DEFAULT_CAPACITY_TOKENS
         self._stats(handle).index.add(tokens, capacity)
 
+    def cache_hit(self, handle: EngineHandle, tokens: Sequence[int], expected: int, cached: int) -> None:
+        """``handle`` served ``cached`` tokens of ``tokens`` from its cache where ``expected`` were
+        recorded: it evicted the rest, so forget that (the prompt itself is cached again now)."""
+        stats = self.stats.get(handle.id)
+        if stats is not None and cached + 1 < expected:  # an engine recomputes a prompt's last token
+            stats.index.forget_after(tokens, cached)
+            self.sent(handle, tokens)
+
     def group_done(self, group: str) -> None:
         self._groups.pop(group, None)
 

@@ -110,3 +110,15 @@ def test_prefix_index_forgets_least_recent_beyond_capacity():
     assert index.num_tokens <= 150
     assert index.match(list(range(1000, 1100))) == 100
     assert index.match(list(range(100))) < 100
+
+
+def test_a_shorter_cache_hit_than_recorded_corrects_the_index(engines):
+    scheduler = GlobalScheduler()
+    a = engines[0]
+    prompt = list(range(100))
+    scheduler.sent(a, prompt + [500, 501])
+    assert scheduler.affinity(a, prompt) == 100
+    scheduler.cache_hit(a, prompt, expected=100, cached=99)  # the last token is always computed
+    assert scheduler.affinity(a, prompt + [500]) == 101
+    scheduler.cache_hit(a, prompt, expected=100, cached=40)  # the engine evicted the rest
+    assert scheduler.affinity(a, prompt + [500]) == 100  # the prompt is cached again, not its old tail

@@ -51,3 +51,20 @@ def test_matches_agree_with_a_brute_force_model():
                              min(len(h), len(seq))) for h in held), default=0)
             assert index.match(seq) == best, (seq, held)
     assert index.num_tokens <= sum(len(h) for h in held)
+
+
+def test_what_an_engine_says_it_evicted_is_forgotten_past_the_cut():
+    index = PrefixIndex()
+    index.add([1, 2, 3, 4, 5, 6], BIG)
+    index.add([1, 2, 3, 4, 9], BIG)
+    index.add([1, 2, 7], BIG)
+    index.forget_after([1, 2, 3, 4, 5, 6], 3)  # only [1, 2, 3] was still cached
+    assert index.match([1, 2, 3, 4, 5, 6]) == 3 and index.match([1, 2, 3, 4, 9]) == 3
+    assert index.match([1, 2, 7]) == 3  # another branch is untouched
+    assert index.num_tokens == 4
+    index.forget_after([1, 2, 7], 0)
+    assert index.match([1, 2, 3]) == 0 and index.num_tokens == 0
+    index.add([5, 5, 5], BIG)
+    index.forget_after([5, 5, 5], 3)  # all of it held: nothing to forget
+    index.forget_after([6, 6], 1)  # nothing recorded there
+    assert index.match([5, 5, 5]) == 3 and index.num_tokens == 3
