@@ -1,43 +1,23 @@
 """What ``ChatParrot`` and ``ParrotLLM`` share: their fields, sampling, and Parrot sessions.
 
-Each model invocation runs in its own Parrot session (a ``P.Parrot`` VM): opened
-against ``base_url``, or, without one, against the service this process embeds
-(``P.Parrot()`` starts it on first use, as the native SDK does), and deleted when
-the invocation ends, which cancels whatever it left running. The VM is entered and
-left in a context of its own: it is not the caller's "current" VM, and a stream that
-LangChain resumes or closes from another context still closes it cleanly.
-
-Native calls run on the service's default model (the first one ``/v1/models``
-lists), so ``model`` may only name that one; a ``model`` the service does not serve,
-or serves but not as its default, is an error that names it. In embedded mode
-``model`` is what the embedded service loads (a local model folder or ``.gguf``
-file; ``None`` for the default model).
+Each model invocation runs in its own Parrot session (see
+``parrot.integrations.common.sessions``: against ``base_url``, or the service this
+process embeds; ``model`` may only name the service's default model).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any
 
-import httpx
 from langchain_core.utils import from_env, secret_from_env
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
 
 import parrot as P
-from parrot.client import ServiceClient
-from parrot.errors import ParrotError, ParrotTimeoutError
+from parrot.integrations.common.sessions import ServiceSessions
 from parrot.schemas import SamplingConfig
 
-DEFAULT_HTTP_TIMEOUT_S = 60.0  # each HTTP request, when ``timeout`` is not set
-RETRY_BACKOFF_S = 0.25  # doubled after each failed attempt to reach the service
-# Calls are posted when a result is first awaited, which every invocation does right
-# after submitting: the window only guarantees that calls submitted together go together.
-BATCH_WINDOW_S = 1.0
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 # Keywords LangChain itself passes along with a call; they do not change the request.
 LANGCHAIN_KEYS = ("ls_structured_output_format", "structured_output_format", "stream")
@@ -70,8 +50,7 @@ class ParrotModelFields(BaseModel):
     max_retries: int = Field(default=2, ge=0)
     """How many more times to try opening a session when the service cannot be reached."""
 
-    _served: dict[str, list[str]] = PrivateAttr(default_factory=dict)  # base URL -> models served
-    _served_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _opener: ServiceSessions | None = PrivateAttr(default=None)
 
     @property
     def lc_secrets(self) -> dict[str, str]:
@@ -110,89 +89,20 @@ class ParrotModelFields(BaseModel):
 
     # -- sessions ----------------------------------------------------------------------------
 
-    def _new_vm(self) -> P.Parrot:
-        embedded_model = self.model if self.base_url is None else None
-        return P.Parrot(self.base_url, api_key=self._api_key(), model=embedded_model,
-                        timeout=self.timeout or DEFAULT_HTTP_TIMEOUT_S, batch_window_s=BATCH_WINDOW_S)
+    def _sessions(self) -> ServiceSessions:
+        # Built once per model object, so the models a service serves are asked only once.
+        if self._opener is None:
+            api_key = self.api_key.get_secret_value() if self.api_key is not None else None
+            self._opener = ServiceSessions(self.base_url, api_key=api_key, model=self.model,
+                                           timeout=self.timeout, max_retries=self.max_retries)
+        return self._opener
 
-    def _api_key(self) -> str | None:
-        return self.api_key.get_secret_value() if self.api_key is not None else None
-
-    @contextmanager
     def session(self, model: str | None = None, *,
-                retries: int | None = None) -> Iterator[tuple[P.Parrot, str]]:
+                retries: int | None = None) -> AbstractContextManager[tuple[P.Parrot, str]]:
         """An open Parrot session and the name of the model its calls run on."""
-        attempts = (self.max_retries if retries is None else retries) + 1
-        for attempt in range(attempts):
-            vm, context = self._new_vm(), contextvars.copy_context()
-            try:
-                context.run(vm.__enter__)
-                break
-            except ParrotError as exc:
-                if attempt + 1 == attempts or not _unreachable(exc):
-                    raise
-            time.sleep(RETRY_BACKOFF_S * 2 ** attempt)
-        try:
-            yield vm, self._model_name(vm.base_url or "", self._served_models_sync(vm), model)
-        finally:
-            context.run(vm.__exit__, None, None, None)
+        return self._sessions().session(model, retries=retries)
 
-    @asynccontextmanager
-    async def asession(self, model: str | None = None, *,
-                       retries: int | None = None) -> AsyncIterator[tuple[P.Parrot, str]]:
+    def asession(self, model: str | None = None, *,
+                 retries: int | None = None) -> AbstractAsyncContextManager[tuple[P.Parrot, str]]:
         """``session`` for async code."""
-        attempts = (self.max_retries if retries is None else retries) + 1
-        for attempt in range(attempts):
-            vm, context = self._new_vm(), contextvars.copy_context()
-            try:
-                await asyncio.create_task(vm.__aenter__(), context=context)
-                break
-            except ParrotError as exc:
-                if attempt + 1 == attempts or not _unreachable(exc):
-                    raise
-            await asyncio.sleep(RETRY_BACKOFF_S * 2 ** attempt)
-        try:
-            served = self._served.get(vm.base_url or "")
-            if served is None:
-                served = await vm.run_async(self._list_models(vm))
-            yield vm, self._model_name(vm.base_url or "", served, model)
-        finally:
-            await asyncio.create_task(vm.__aexit__(None, None, None), context=context)
-
-    def _served_models_sync(self, vm: P.Parrot) -> list[str]:
-        served = self._served.get(vm.base_url or "")
-        return served if served is not None else vm.run_sync(self._list_models(vm))
-
-    async def _list_models(self, vm: P.Parrot) -> list[str]:
-        """The models the service serves, asked once per service (runs on the VM's loop)."""
-        client = ServiceClient(vm.base_url or "", api_key=self._api_key(),
-                               timeout=self.timeout or DEFAULT_HTTP_TIMEOUT_S)
-        try:
-            served = await client.list_models()
-        finally:
-            await client.aclose()
-        with self._served_lock:
-            self._served[vm.base_url or ""] = served
-        return served
-
-    def _model_name(self, url: str, served: list[str], requested: str | None) -> str:
-        """The model calls run on; ``requested`` (per call, else the field) must be it."""
-        if not served:
-            raise ParrotError(f"the Parrot service at {url} serves no model yet")
-        requested = requested or self.model
-        if requested is None or (self.base_url is None and requested == self.model):
-            return served[0]  # the default, or the model the embedded service was started with
-        if requested not in served:
-            raise ParrotError(f"the Parrot service at {url} does not serve model {requested!r} "
-                              f"(it serves {', '.join(map(repr, served))})")
-        if requested != served[0]:
-            raise ParrotError(f"model {requested!r} is served at {url}, but native calls run on its "
-                              f"default model {served[0]!r}; use that one")
-        return requested
-
-
-def _unreachable(exc: ParrotError) -> bool:
-    """Whether the service could not be reached at all (worth another try)."""
-    cause = exc.__cause__
-    return (isinstance(cause, httpx.TransportError) and not isinstance(cause, httpx.TimeoutException)
-            and not isinstance(exc, ParrotTimeoutError))
+        return self._sessions().asession(model, retries=retries)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import parrot as P
-from parrot.integrations.langchain.calls import CallInfos
+from parrot.integrations.common.calls import CallInfos
 from parrot.sdk import PreparedCall
 
 _active: ContextVar[SharedBatch | None] = ContextVar("parrot_langchain_batch", default=None)

@@ -31,10 +31,10 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 import parrot as P
 from parrot.chat_call import prepare_chat
 from parrot.errors import ParrotError
+from parrot.integrations.common.calls import CallOutcome, astream, await_all, stream, submit, wait
 from parrot.integrations.langchain import batching
 from parrot.integrations.langchain.auto import tracker
 from parrot.integrations.langchain.base import ParrotModelFields
-from parrot.integrations.langchain.calls import CallOutcome, astream, await_all, stream, submit, wait
 from parrot.integrations.langchain.constrained import (
     ToolUse,
     output_json_schema,

@@ -13,12 +13,9 @@ with the variable's value, fetching it from the service, which waits for the cal
 
 from __future__ import annotations
 
-import asyncio
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.documents import Document
@@ -26,71 +23,29 @@ from langchain_core.messages import BaseMessage
 from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
 
 import parrot as P
-from parrot.variable import SemanticVariable
-
-_PLACEHOLDER = re.compile(r"⟦parrot:([0-9a-f]{32})⟧")
-
-Part = str | SemanticVariable
-
-
-def placeholder(var: SemanticVariable) -> str:
-    return f"⟦parrot:{var.id}⟧"
+from parrot.integrations.common.placeholders import PATTERN, Placeholders, substitute
 
 
 def has_placeholder(value: Any) -> bool:
     """Whether a placeholder occurs anywhere inside ``value``."""
-    return any(True for _ in _strings(value) if _PLACEHOLDER.search(_) is not None)
+    return any(PATTERN.search(text) is not None for text in _strings(value))
 
 
-@dataclass
-class DeferredScope:
+class DeferredScope(Placeholders):
     """One compiled-chain run: its Parrot session and the replies it deferred."""
 
-    vm: P.Parrot
-    model_name: str
-    criterion: P.Criterion = P.LATENCY
-    replies: dict[str, SemanticVariable] = field(default_factory=dict)
-
-    def defer(self, var: SemanticVariable) -> str:
-        self.replies[var.id] = var
-        return placeholder(var)
-
-    def split(self, text: str) -> list[Part]:
-        """``text`` as static pieces and the variables its placeholders stand for."""
-        parts: list[Part] = []
-        last = 0
-        for match in _PLACEHOLDER.finditer(text):
-            var = self.replies.get(match.group(1))
-            if var is None:  # not ours (another run's, or typed by a user): plain text
-                continue
-            if match.start() > last:
-                parts.append(text[last:match.start()])
-            parts.append(var)
-            last = match.end()
-        if last < len(text):
-            parts.append(text[last:])
-        return parts
+    def __init__(self, vm: P.Parrot, model_name: str, criterion: P.Criterion = P.LATENCY) -> None:
+        super().__init__(criterion)
+        self.vm = vm
+        self.model_name = model_name
 
     # ---- real values ------------------------------------------------------------------
     def resolve(self, value: Any) -> Any:
         """``value`` with every placeholder of this run replaced by its variable's value."""
-        wanted = self._wanted(value)
-        values = {vid: var.get(perf=self.criterion) for vid, var in wanted.items()}
-        return _substitute(value, values)
+        return _substitute(value, self.values_for(_strings(value)))
 
     async def aresolve(self, value: Any) -> Any:
-        wanted = self._wanted(value)
-        texts = await asyncio.gather(*(var.aget(perf=self.criterion) for var in wanted.values()))
-        return _substitute(value, dict(zip(wanted, texts, strict=True)))
-
-    def _wanted(self, value: Any) -> dict[str, SemanticVariable]:
-        wanted = {}
-        for text in _strings(value):
-            for match in _PLACEHOLDER.finditer(text):
-                var = self.replies.get(match.group(1))
-                if var is not None:
-                    wanted[var.id] = var
-        return wanted
+        return _substitute(value, await self.avalues_for(_strings(value)))
 
 
 _scope: ContextVar[DeferredScope | None] = ContextVar("parrot_langchain_deferred_scope", default=None)
@@ -136,7 +91,7 @@ def _substitute(value: Any, values: dict[str, str]) -> Any:
     if not values:
         return value
     if isinstance(value, str):
-        return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), value)
+        return substitute(value, values)
     if isinstance(value, BaseMessage):
         return value.model_copy(update={"content": _substitute(value.content, values),
                                         "additional_kwargs": _substitute(value.additional_kwargs, values)})

@@ -105,7 +105,7 @@ def step_key(model: ParrotModelFields, requested: str | None) -> StepKey | None:
     parent_ns = info.checkpoint_ns.rpartition("|")[0]  # a subgraph's steps are its own
     embedded = model.model if model.base_url is None else None
     return (info.checkpoint_id, parent_ns, metadata["langgraph_step"], model.base_url, embedded,
-            model._api_key(), requested)
+            model._sessions().api_key, requested)
 
 
 @contextmanager

@@ -16,8 +16,7 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 import parrot as P
 from parrot.errors import ParrotError
-from parrot.integrations.langchain.base import ParrotModelFields
-from parrot.integrations.langchain.calls import (
+from parrot.integrations.common.calls import (
     CallOutcome,
     astream,
     await_all,
@@ -26,6 +25,7 @@ from parrot.integrations.langchain.calls import (
     submit,
     wait,
 )
+from parrot.integrations.langchain.base import ParrotModelFields
 from parrot.integrations.langchain.constrained import response_format_schema
 from parrot.schemas import SamplingConfig
 

@@ -16,7 +16,7 @@ from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
 from langchain_core.messages.tool import ToolCallChunk, tool_call_chunk
 from langchain_core.outputs import ChatGenerationChunk
 
-from parrot.integrations.langchain.calls import CallOutcome
+from parrot.integrations.common.calls import CallOutcome
 from parrot.integrations.langchain.constrained import ToolUse
 
 

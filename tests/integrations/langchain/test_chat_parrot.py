@@ -18,8 +18,8 @@ from pydantic import BaseModel, Field
 
 import parrot as P
 from parrot.chat_call import prepare_chat
+from parrot.integrations.common.calls import prepare_completion, submit, wait
 from parrot.integrations.langchain import ChatParrot
-from parrot.integrations.langchain.calls import prepare_completion, submit, wait
 from parrot.integrations.langchain.messages import to_chat_messages
 from parrot.schemas import SamplingConfig
 
