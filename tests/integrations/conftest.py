@@ -1,4 +1,4 @@
-"""A live Parrot service for the LangChain tests: real uvicorn on a loopback port, a tiny
+"""A live Parrot service for the integrations' tests: real uvicorn on a loopback port, a tiny
 random-weight llama with the default model's tokenizer (and so its chat template).
 
 The service's app is wrapped in an ASGI layer that records every HTTP request it
