@@ -13,7 +13,8 @@ from rich.table import Table
 
 from benchmarks.harness import console
 
-BENCHMARKS = ("chain_summary", "map_reduce", "shared_prompt", "multi_agent", "mixed", "langchain_map_reduce")
+BENCHMARKS = ("chain_summary", "map_reduce", "shared_prompt", "multi_agent", "mixed", "langchain_map_reduce",
+              "sk_nested")
 
 
 def main(argv: list[str] | None = None) -> None:

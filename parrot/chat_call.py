@@ -18,12 +18,23 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from parrot.schemas import CallDecl, InputSegment, MessageDecl, OutputSegment, SamplingConfig, TextSegment
 from parrot.sdk import Output, PreparedCall
 from parrot.variable import SemanticVariable
 from parrot.vm import current_vm
+
+
+@dataclass(frozen=True)
+class Stripped:
+    """A variable in a message whose value goes in with whitespace removed from one or both
+    ends, as a client that strips the text around it would have sent it."""
+
+    var: SemanticVariable
+    side: Literal["start", "end", "both"] = "both"
+
 
 # ``{"role": ..., "content": ..., "name": ...}`` (name optional) or ``(role, content)``
 MessageLike = Mapping[str, Any] | tuple[str, Any]
@@ -36,8 +47,8 @@ def prepare_chat(messages: Sequence[MessageLike], *, name: str | None = None,
     """Build a chat call without submitting it (what ``chat`` sends).
 
     A message's ``content`` is a string, a ``SemanticVariable``, or a list of both; a
-    variable becomes an input, any other value constant text (``str(value)``; ``None`` is
-    empty). Roles:
+    variable (or a ``Stripped`` one) becomes an input, any other value constant text
+    (``str(value)``; ``None`` is empty). Roles:
     ``system``, ``developer`` (rendered as ``system``), ``user``, ``assistant``.
     The reply is sampled per ``sampling`` or the keywords of ``P.Output`` (``max_tokens``,
     ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``ignore_eos``); greedy by default.
@@ -50,10 +61,12 @@ def prepare_chat(messages: Sequence[MessageLike], *, name: str | None = None,
         parts = content if isinstance(content, list | tuple) else [content]
         segments: list[TextSegment | InputSegment] = []
         for part in parts:
-            if isinstance(part, SemanticVariable):
-                if part not in inputs:
-                    inputs.append(part)
-                segments.append(InputSegment(var=part.id))
+            if isinstance(part, SemanticVariable | Stripped):
+                var = part.var if isinstance(part, Stripped) else part
+                if var not in inputs:
+                    inputs.append(var)
+                side = part.side if isinstance(part, Stripped) else None
+                segments.append(InputSegment(var=var.id, strip=side))
                 continue
             text = "" if part is None else str(part)
             last = segments[-1] if segments else None

@@ -87,6 +87,16 @@ class TextSegment(_Strict):
 class InputSegment(_Strict):
     type: Literal["input"] = "input"
     var: VarId
+    # Whitespace removed from that end of the value where it stands, as a client that strips
+    # the text around it (a framework trimming a rendered prompt) would have sent it.
+    strip: Literal["start", "end", "both"] | None = None
+
+    def apply(self, value: str) -> str:
+        if self.strip == "start":
+            return value.lstrip()
+        if self.strip == "end":
+            return value.rstrip()
+        return value.strip() if self.strip == "both" else value
 
 
 class OutputSegment(_Strict):

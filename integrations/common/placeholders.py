@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import parrot as P
+from parrot.chat_call import Stripped
 from parrot.variable import SemanticVariable
 
 PATTERN = re.compile(r"⟦parrot:([0-9a-f]{32})⟧")
@@ -38,9 +39,11 @@ class Placeholders:
         self.replies[var.id] = var
         return placeholder(var)
 
-    def split(self, text: str) -> list[Part]:
-        """``text`` as static pieces and the variables its placeholders stand for."""
-        parts: list[Part] = []
+    def split(self, text: str, *, strip_edges: bool = False) -> list[Part | Stripped]:
+        """``text`` as static pieces and the variables its placeholders stand for. With
+        ``strip_edges``, a variable that starts or ends the text has its value's whitespace
+        removed there: ``text`` was stripped, and the value would have been with it."""
+        parts: list[Part | Stripped] = []
         last = 0
         for match in PATTERN.finditer(text):
             var = self.replies.get(match.group(1))
@@ -52,6 +55,16 @@ class Placeholders:
             last = match.end()
         if last < len(text):
             parts.append(text[last:])
+        if strip_edges and parts:
+            first_var = isinstance(parts[0], SemanticVariable)
+            last_var = isinstance(parts[-1], SemanticVariable)
+            if len(parts) == 1 and first_var:
+                parts[0] = Stripped(parts[0], "both")  # type: ignore[arg-type]
+            else:
+                if first_var:
+                    parts[0] = Stripped(parts[0], "start")  # type: ignore[arg-type]
+                if last_var:
+                    parts[-1] = Stripped(parts[-1], "end")  # type: ignore[arg-type]
         return parts
 
     def has_any(self, texts: Iterable[str]) -> bool:

@@ -140,7 +140,10 @@ class Executor:
                 context += tokenizer.encode(segment.text)
             elif isinstance(segment, InputSegment):
                 var = next(v for v in call.inputs if v.id == segment.var)
-                context += var.token_ids if var.token_ids is not None else tokenizer.encode(var.value or "")
+                if var.token_ids is not None and segment.strip is None:
+                    context += var.token_ids  # as generated: their KV is cached
+                else:
+                    context += tokenizer.encode(segment.apply(var.value or ""))
             elif isinstance(segment, OutputSegment):
                 handle, ids = await self._output(call, handle, context, segment)
                 context += ids

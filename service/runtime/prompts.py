@@ -54,7 +54,7 @@ def render(tokenizer: ModelTokenizer, messages: list[dict[str, str]]) -> str:
 
 def chat_messages(messages: list[MessageDecl], values: dict[str, str]) -> list[dict[str, str]]:
     """The messages of a chat call whose inputs have ``values`` (by variable id)."""
-    return template_messages(messages, lambda s: values[s.var])
+    return template_messages(messages, lambda s: s.apply(values[s.var]))
 
 
 def encode_chat(tokenizer: ModelTokenizer, messages: list[dict[str, str]]) -> list[int]:

@@ -15,7 +15,7 @@ SCRIPTS = sorted(p.name for p in COOKBOOK.glob("*.py") if not p.name.startswith(
 def test_the_cookbook_has_the_promised_recipes():
     assert {"code_and_test.py", "chain_summary.py", "map_reduce_summary.py", "multi_agent.py",
             "langchain_map_reduce.py", "langgraph_multi_agent.py",
-            "langchain_shared_prompt_chat.py"} <= set(SCRIPTS)
+            "langchain_shared_prompt_chat.py", "semantic_kernel_nested.py"} <= set(SCRIPTS)
     readme = (COOKBOOK / "README.md").read_text()
     assert all(name in readme for name in SCRIPTS)
 

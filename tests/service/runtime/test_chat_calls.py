@@ -292,3 +292,13 @@ def test_prompt_ids_match_transformers_and_start_with_the_static_prefix(tiny_eng
     assert [p.var for p in pieces if not isinstance(p, str)] == ["v"]
     rendered = engine.tokenizer.render_chat_template(prompts.template_messages(messages, lambda s: value))
     assert "".join(p if isinstance(p, str) else value for p in pieces) == rendered
+
+
+def test_an_input_marked_strip_goes_in_without_its_whitespace_there():
+    messages = [MessageDecl.model_validate({"role": "user", "content": [
+        {"type": "input", "var": "a", "strip": "start"}, {"type": "text", "text": " | "},
+        {"type": "input", "var": "b", "strip": "end"}, {"type": "text", "text": " | "},
+        {"type": "input", "var": "c", "strip": "both"}, {"type": "input", "var": "d"}]})]
+    values = {var: "  x  " for var in "abcd"}
+    [rendered] = prompts.chat_messages(messages, values)
+    assert rendered["content"] == "x   |   x | x  x  "

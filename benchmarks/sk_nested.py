@@ -1,0 +1,106 @@
+"""Semantic Kernel nested prompt functions: SK's own sequential run against Parrot graphs.
+
+A plugin's ``assess`` prompt function calls ``summarize`` once per section from its
+template, then asks for an overall assessment. The same kernel code runs with SK's
+``OpenAIChatCompletion`` on the service's OpenAI routes (SK renders the nested calls one
+after another, each waiting for its reply) and with ``ParrotChatCompletion`` and
+``enable_graphs`` (the nested calls and the assessment reach the service as one graph; the
+summaries run in parallel); each on a fresh service, greedy, and the script checks that
+both write the same text.
+
+    python -m benchmarks.sk_nested            # 6 sections
+    python -m benchmarks.sk_nested --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import httpx
+from openai import AsyncOpenAI
+from semantic_kernel import Kernel
+from semantic_kernel.connectors.ai.chat_completion_client_base import ChatCompletionClientBase
+from semantic_kernel.connectors.ai.open_ai import OpenAIChatCompletion
+from semantic_kernel.connectors.ai.prompt_execution_settings import PromptExecutionSettings
+from semantic_kernel.functions import KernelArguments, KernelFunctionFromPrompt
+
+from benchmarks.harness import THROUGHPUT_TUNED, Row, benchmark_main, print_table, running_service, text_chunk
+from parrot.integrations.semantic_kernel import ParrotChatCompletion, enable_graphs
+
+SUMMARIZE = "Summarize this section of a report in one sentence.\n\nSection: {{$section}}"
+
+
+def assess_template(sections: int) -> str:
+    return ("Summaries of a report, section by section:\n"
+            + "".join(f"- {{{{report.summarize section=$s{i}}}}}\n" for i in range(sections))
+            + "\nWrite a short overall assessment of the report.")
+
+
+def build_kernel(chat: ChatCompletionClientBase, sections: int, tokens: int) -> Kernel:
+    kernel = Kernel()
+    kernel.add_service(chat)
+    settings = {"default": PromptExecutionSettings(extension_data={"max_tokens": tokens, "temperature": 0.0})}
+    kernel.add_function("report", KernelFunctionFromPrompt(
+        function_name="summarize", prompt=SUMMARIZE, prompt_execution_settings=settings))
+    kernel.add_function("report", KernelFunctionFromPrompt(
+        function_name="assess", prompt=assess_template(sections), prompt_execution_settings=settings))
+    return kernel
+
+
+def served(url: str) -> str:
+    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+
+
+async def timed_assessment(kernel: Kernel, sections: list[str]) -> tuple[float, str]:
+    # One small call first: connections and first-call costs out of the timing.
+    await kernel.invoke(kernel.get_function("report", "summarize"), KernelArguments(section="Hello."))
+    arguments = KernelArguments(**{f"s{i}": s for i, s in enumerate(sections)})
+    started = time.perf_counter()
+    result = await kernel.invoke(kernel.get_function("report", "assess"), arguments)
+    return time.perf_counter() - started, str(result)
+
+
+def measure(args) -> list[Row]:
+    sections = [text_chunk(i, args.sentences) for i in range(args.sections)]
+    systems = {
+        "parrot (graphs)": lambda url: enable_graphs(build_kernel(
+            ParrotChatCompletion(base_url=url), args.sections, args.tokens)),
+        "OpenAIChatCompletion": lambda url: build_kernel(
+            OpenAIChatCompletion(ai_model_id=served(url), async_client=AsyncOpenAI(base_url=f"{url}/v1",
+                                                                                   api_key="none")),
+            args.sections, args.tokens),
+    }
+    rows, outputs = [], set()
+    for name, kernel in systems.items():
+        with running_service(THROUGHPUT_TUNED) as url:
+            elapsed, text = asyncio.run(timed_assessment(kernel(url), sections))
+            outputs.add(text)
+            rows.append(Row(name, elapsed))
+    print(f"identical outputs: {'yes' if len(outputs) == 1 else 'no'}")
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", type=int, default=6)
+    parser.add_argument("--sentences", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=32, help="the longest reply")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (3 sections, 8 tokens)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sections, args.tokens = 3, 8
+    return args
+
+
+def report(rows: list[Row], args) -> None:
+    print_table(f"Semantic Kernel: a prompt function with {args.sections} nested calls, replies of up to "
+                f"{args.tokens} tokens, the same kernel code with each connector", rows, "parrot (graphs)")
+
+
+main = benchmark_main(parse_args, measure, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""JSON schemas for constrained replies: tool calls, plain answers beside them, structured output.
+
+The service enforces a JSON schema while sampling (``SamplingConfig.json_schema``), so a
+constrained reply always follows its schema. The shapes a framework integration asks for:
+
+- a tool call: ``{"name": "<tool>", "arguments": {<the tool's parameters>}}``
+  (``tool_call_schema``), one tool call per reply;
+- an answer instead of a call, where the model may choose: ``{"answer": "<text>"}``
+  (``answer_schema``);
+- structured output: the schema of a pydantic class (or any type pydantic can describe), a
+  JSON schema, or OpenAI's ``response_format`` (``response_format_schema``).
+
+A tool's parameters sit inside the reply's schema, so local references (``$ref`` to
+``$defs``) in them are inlined first: they would no longer point at the root.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter
+
+ANSWER_KEY = "answer"
+# Keys that make a mapping a JSON schema rather than an OpenAI wrapper around one.
+_SCHEMA_KEYS = ("type", "properties", "anyOf", "oneOf", "allOf", "$ref", "enum", "const", "items")
+_DEF_KEYS = ("$defs", "definitions")
+_JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def inline_refs(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """``schema`` with each local ``$ref`` replaced by the definition it names, and the
+    definitions dropped. A recursive definition cannot be inlined: ``ValueError``."""
+    definitions: dict[str, Any] = {}
+    for key in _DEF_KEYS:
+        for name, definition in (schema.get(key) or {}).items():
+            definitions[f"#/{key}/{name}"] = definition
+
+    def resolve(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, Mapping):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref in definitions:
+                if ref in seen:
+                    raise ValueError(f"the schema refers to {ref} recursively; it cannot be inlined")
+                target = resolve(definitions[ref], (*seen, ref))
+                rest = {k: resolve(v, seen) for k, v in node.items() if k != "$ref"}
+                return {**target, **rest}
+            return {k: resolve(v, seen) for k, v in node.items() if k not in _DEF_KEYS}
+        if isinstance(node, list):
+            return [resolve(item, seen) for item in node]
+        return copy.deepcopy(node)
+
+    return resolve(schema, ())
+
+
+def object_parameters(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A tool's parameters as a closed object schema: a tool takes the arguments it declares."""
+    schema = inline_refs(parameters or {})
+    schema.setdefault("type", "object")
+    schema.setdefault("properties", {})
+    schema.setdefault("additionalProperties", False)
+    return schema
+
+
+def tool_call_schema(name: str, parameters: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A call of the tool ``name``: ``{"name": name, "arguments": {...}}``."""
+    return {"type": "object",
+            "properties": {"name": {"const": name}, "arguments": object_parameters(parameters)},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def answer_schema() -> dict[str, Any]:
+    """A plain answer where a tool call could stand: ``{"answer": "<text>"}``."""
+    return {"type": "object", "properties": {ANSWER_KEY: {"type": "string"}}, "required": [ANSWER_KEY],
+            "additionalProperties": False}
+
+
+def one_of(options: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A reply that follows one of ``options``."""
+    if not options:
+        raise ValueError("a reply needs at least one shape")
+    return options[0] if len(options) == 1 else {"anyOf": list(options)}
+
+
+def type_schema(tp: type) -> dict[str, Any]:
+    """The JSON schema of a pydantic class, or of any type pydantic can describe (a dataclass,
+    a TypedDict, ``list[int]``...).
+
+    Its objects are closed where the type leaves extra keys open (pydantic says nothing for
+    its default, extras ignored): a reply then holds the fields the type reads and no others,
+    as OpenAI's strict structured outputs do.
+    """
+    schema = tp.model_json_schema() if issubclass(tp, BaseModel) else TypeAdapter(tp).json_schema()
+    return _closed(schema)
+
+
+def _closed(node: Any) -> Any:
+    if isinstance(node, dict):
+        closed = {k: _closed(v) for k, v in node.items()}
+        if closed.get("type") == "object" and "properties" in closed:
+            closed.setdefault("additionalProperties", False)
+        return closed
+    if isinstance(node, list):
+        return [_closed(item) for item in node]
+    return node
+
+
+def response_format_schema(response_format: Any) -> dict[str, Any] | None:
+    """The JSON schema a structured reply must follow (``None``: plain text).
+
+    ``response_format`` is OpenAI's (``{"type": "text" | "json_object" | "json_schema", ...}``),
+    a JSON schema, or a type (``type_schema``). ``ValueError`` for anything else.
+    """
+    if response_format is None:
+        return None
+    if isinstance(response_format, Mapping):
+        kind = response_format.get("type")
+        if kind == "text" and len(response_format) == 1:
+            return None
+        if kind == "json_object":
+            return {"type": "object"}
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, Mapping):
+                raise ValueError("a response_format of type 'json_schema' needs a 'json_schema' dict")
+            return dict(spec.get("schema") or {"type": "object"})
+        if isinstance(kind, str) and kind not in _JSON_TYPES:
+            raise ValueError(f"response_format type {kind!r} is not supported; use text, json_object, "
+                             "json_schema, or a JSON schema")
+        if isinstance(response_format.get("schema"), Mapping):  # the inner json_schema spec itself
+            return dict(response_format["schema"])
+        if any(key in response_format for key in _SCHEMA_KEYS):
+            return dict(response_format)
+        raise ValueError(f"response_format {dict(response_format)!r} is neither a JSON schema nor OpenAI's "
+                         "{'type': 'text' | 'json_object' | 'json_schema', ...}")
+    if isinstance(response_format, type):
+        return type_schema(response_format)
+    raise ValueError(f"response_format must be a type, a JSON schema or OpenAI's response_format dict, "
+                     f"not {type(response_format).__name__}")
