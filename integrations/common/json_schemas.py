@@ -138,3 +138,13 @@ def response_format_schema(response_format: Any) -> dict[str, Any] | None:
         return type_schema(response_format)
     raise ValueError(f"response_format must be a type, a JSON schema or OpenAI's response_format dict, "
                      f"not {type(response_format).__name__}")
+
+
+def with_instructions(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """``messages`` with ``text`` (the tools and reply format, which a model cannot see in the
+    schema its sampler enforces) appended to the first system message, or in a new first one."""
+    if messages and messages[0]["role"] in ("system", "developer"):
+        first = dict(messages[0])
+        first["content"] = [*first["content"], "\n\n" + text]
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": [text]}, *messages]

@@ -32,6 +32,7 @@ import parrot as P
 from parrot.chat_call import prepare_chat
 from parrot.errors import ParrotError
 from parrot.integrations.common.calls import CallOutcome, astream, await_all, stream, submit, wait
+from parrot.integrations.common.json_schemas import with_instructions
 from parrot.integrations.langchain import batching
 from parrot.integrations.langchain.auto import tracker
 from parrot.integrations.langchain.base import ParrotModelFields
@@ -40,7 +41,6 @@ from parrot.integrations.langchain.constrained import (
     output_json_schema,
     response_format_schema,
     tool_definitions,
-    with_instructions,
 )
 from parrot.integrations.langchain.deferred import DeferredScope, current_scope, has_placeholder
 from parrot.integrations.langchain.langgraph import astep_session, step_session

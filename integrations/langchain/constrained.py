@@ -153,15 +153,6 @@ class ToolUse:
             type="invalid_tool_call")])
 
 
-def with_instructions(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """``messages`` with ``text`` appended to the first system message, or in a new first one."""
-    if messages and messages[0]["role"] in ("system", "developer"):
-        first = dict(messages[0])
-        first["content"] = [*first["content"], "\n\n" + text]
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": [text]}, *messages]
-
-
 def output_json_schema(schema: Any) -> dict[str, Any]:
     """The JSON schema of a structured output: a pydantic class (v1 or v2), a TypedDict, a JSON
     schema, or an OpenAI tool / response-format spec."""

@@ -56,7 +56,7 @@ from semantic_kernel.utils.telemetry.model_diagnostics.decorators import (
 
 from parrot.chat_call import prepare_chat
 from parrot.integrations.common.calls import CallOutcome
-from parrot.integrations.common.json_schemas import ANSWER_KEY
+from parrot.integrations.common.json_schemas import ANSWER_KEY, with_instructions
 from parrot.integrations.common.placeholders import Part, Placeholders
 from parrot.integrations.semantic_kernel.connector import ParrotServiceBase, completion_usage
 from parrot.integrations.semantic_kernel.settings import (
@@ -119,7 +119,7 @@ class ParrotChatCompletion(ParrotServiceBase, ChatCompletionClientBase):
         messages = chat_messages(chat_history, split)
         tools = ToolUse.of(settings)
         if tools is not None:
-            messages = _with_instructions(messages, tools.instructions())
+            messages = with_instructions(messages, tools.instructions())
         return prepare_chat(messages, name="chat", sampling=sampling)
 
     # -- SK's hooks ------------------------------------------------------------------------------
@@ -233,17 +233,6 @@ def _result_text(result: Any) -> str:
     except (TypeError, ValueError):
         return str(result)
 
-
-def _with_instructions(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """``messages`` with ``text`` appended to the first system message, or in a new first one."""
-    if messages and messages[0]["role"] in ("system", "developer"):
-        first = dict(messages[0])
-        first["content"] = [*first["content"], "\n\n" + text]
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": [text]}, *messages]
-
-
-# -- outcome → SK contents ---------------------------------------------------------------------------
 
 def reply_contents(result: CallOutcome, model_name: str, tools: ToolUse | None, *,
                  streaming: bool = False) -> tuple[list[Any], FinishReason | None]:

@@ -20,12 +20,8 @@ from typing_extensions import TypedDict
 
 import parrot as P
 from parrot.chat_call import prepare_chat
-from parrot.integrations.langchain.constrained import (
-    ToolUse,
-    output_json_schema,
-    response_format_schema,
-    with_instructions,
-)
+from parrot.integrations.common.json_schemas import with_instructions
+from parrot.integrations.langchain.constrained import ToolUse, output_json_schema, response_format_schema
 from parrot.integrations.langchain.messages import to_chat_messages
 from parrot.schemas import InputSegment
 

@@ -4,37 +4,18 @@ on the service's OpenAI routes, which shows the suite asks only what any SK conn
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
-
 import pytest
 from openai import AsyncOpenAI
 from semantic_kernel.connectors.ai.open_ai import OpenAIChatCompletion
 
 from parrot.integrations.semantic_kernel import ParrotChatCompletion
-from parrot.service.app import create_app
-from parrot.service.engine.builtin.engine import BuiltinEngine, BuiltinEngineConfig
-from tests.conftest import make_tiny_model, serve_in_thread
 from tests.integrations.semantic_kernel.conformance import ChatCompletionConformance
 
 MODEL = "tiny-llama"
 
 
-@pytest.fixture(scope="module")
-def service_url(tokenizer) -> Iterator[str]:
-    engine = BuiltinEngine(BuiltinEngineConfig(device="cpu", kv_cache_gib=0.05),
-                           hf_model=make_tiny_model(len(tokenizer)), tokenizer=tokenizer, model_name=MODEL)
-    with serve_in_thread(create_app(engine)) as url:
-        yield url
 
 
-@pytest.fixture(scope="module")
-def closed_url() -> str:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}"
 
 
 class TestParrotChatCompletion(ChatCompletionConformance):

@@ -4,9 +4,7 @@ connector on the same service's OpenAI routes."""
 
 from __future__ import annotations
 
-import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import reduce
 from typing import Any
@@ -33,7 +31,7 @@ from semantic_kernel.exceptions import (
     ServiceInvalidRequestError,
     ServiceResponseException,
 )
-from semantic_kernel.functions import KernelArguments, kernel_function
+from semantic_kernel.functions import KernelArguments
 
 import parrot as P
 from parrot.integrations.common.calls import CallOutcome
@@ -48,10 +46,8 @@ from parrot.integrations.semantic_kernel.connector import UNKNOWN_MODEL_ID
 from parrot.integrations.semantic_kernel.scope import GraphScope, graph_scope
 from parrot.integrations.semantic_kernel.settings import ToolUse, sampling_config
 from parrot.schemas import InputSegment, OutputSegment, SamplingConfig, TextSegment
-from parrot.service.app import create_app
-from parrot.service.engine.builtin.engine import BuiltinEngine, BuiltinEngineConfig
 from parrot.variable import SemanticVariable
-from tests.conftest import make_tiny_model, serve_in_thread
+from tests.integrations.semantic_kernel.plugins import MagicPlugin
 
 MODEL = "tiny-llama"
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
@@ -72,31 +68,10 @@ class Size:
     width: int
 
 
-class MagicPlugin:
-    def __init__(self) -> None:
-        self.inputs: list[int] = []
-
-    @kernel_function(description="Apply a magic function to an input.")
-    def magic_function(self, input: int) -> int:
-        self.inputs.append(input)
-        return input + 2
 
 
-@pytest.fixture(scope="module")
-def service_url(tokenizer) -> Iterator[str]:
-    engine = BuiltinEngine(BuiltinEngineConfig(device="cpu", kv_cache_gib=0.05),
-                           hf_model=make_tiny_model(len(tokenizer)), tokenizer=tokenizer, model_name=MODEL)
-    with serve_in_thread(create_app(engine)) as url:
-        yield url
 
 
-@pytest.fixture(scope="module")
-def closed_url() -> str:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture

@@ -10,22 +10,15 @@ from pydantic import BaseModel
 from semantic_kernel import Kernel
 from semantic_kernel.connectors.ai.function_choice_behavior import FunctionChoiceBehavior
 from semantic_kernel.contents import ChatHistory, FunctionCallContent
-from semantic_kernel.functions import KernelArguments, kernel_function
+from semantic_kernel.functions import KernelArguments
 
 from parrot import embedded
 from parrot.integrations.semantic_kernel import ParrotChatCompletion, ParrotPromptExecutionSettings
+from tests.integrations.semantic_kernel.plugins import MagicPlugin
 
 pytestmark = pytest.mark.e2e
 
 
-class MagicPlugin:
-    def __init__(self) -> None:
-        self.inputs: list[int] = []
-
-    @kernel_function(description="Apply a magic function to an input.")
-    def magic_function(self, input: int) -> int:
-        self.inputs.append(input)
-        return input + 2
 
 
 class Pet(BaseModel):
