@@ -39,6 +39,11 @@ is set, the messages are rendered with the model's chat template (``developer`` 
 ``system``, the generation prompt appended) and tokenized whole: the same prompt
 tokens as ``/v1/chat/completions`` sends for the same final text. A shape that breaks
 these rules, or messages the chat template refuses, is a 400 naming the problem.
+
+Sizes are capped (``parrot.limits``: calls, variables and fetches per submission and per
+session, segments per call, characters per value, the session idle timeout); going over
+is a 400 naming the limit. A ``seed`` is any 64-bit value, signed or unsigned; a
+``temperature`` below ``limits.MIN_TEMPERATURE`` (1e-5) samples greedily, as in vLLM.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from parrot import limits
 
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 VarId = Annotated[str, Field(pattern=ID_PATTERN)]
@@ -68,11 +75,12 @@ class SamplingConfig(_Strict):
     """How an output is generated. Greedy by default, so programs are reproducible."""
 
     max_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # Below ``limits.MIN_TEMPERATURE`` is greedy; infinities and NaN are refused.
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(-1, ge=-1)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    seed: int | None = Field(None, ge=limits.MIN_SEED, le=limits.MAX_SEED)  # 64 bits, signed or not
+    stop: list[str] = Field(default_factory=list, max_length=limits.MAX_STOP_STRINGS)
     ignore_eos: bool = False
 
     # Constrain the output to JSON that validates against this JSON Schema ({"type": "object"}
@@ -81,7 +89,7 @@ class SamplingConfig(_Strict):
 
 class TextSegment(_Strict):
     type: Literal["text"] = "text"
-    text: str
+    text: str = Field(max_length=limits.MAX_VALUE_CHARS)
 
 
 class InputSegment(_Strict):
@@ -116,7 +124,7 @@ class MessageDecl(_Strict):
     as they are; a plain string is shorthand for one text segment."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: list[ContentSegment]
+    content: list[ContentSegment] = Field(max_length=limits.MAX_SEGMENTS_PER_CALL)
     name: str | None = None
 
     @field_validator("content", mode="before")
@@ -135,7 +143,7 @@ class VariableDecl(_Strict):
 
     id: VarId
     name: str | None = None
-    value: str | None = None
+    value: str | None = Field(None, max_length=limits.MAX_VALUE_CHARS)
 
 
 class CallDecl(_Strict):
@@ -146,11 +154,13 @@ class CallDecl(_Strict):
     id: VarId
     name: str | None = None
     kind: Literal["llm", "native"] = "llm"
-    segments: list[Segment] = Field(default_factory=list)  # llm calls from a template
-    messages: list[MessageDecl] | None = None  # chat calls
+    segments: list[Segment] = Field(  # llm calls from a template
+        default_factory=list, max_length=limits.MAX_SEGMENTS_PER_CALL)
+    messages: list[MessageDecl] | None = Field(  # chat calls
+        None, max_length=limits.MAX_SEGMENTS_PER_CALL)
     output: OutputSegment | None = None  # a chat call's reply
-    inputs: list[VarId] = Field(default_factory=list)  # native calls
-    outputs: list[VarId] = Field(default_factory=list)  # native calls
+    inputs: list[VarId] = Field(default_factory=list, max_length=limits.MAX_SEGMENTS_PER_CALL)  # native
+    outputs: list[VarId] = Field(default_factory=list, max_length=limits.MAX_SEGMENTS_PER_CALL)  # native
 
     @model_validator(mode="after")
     def _one_prompt_shape(self) -> CallDecl:
@@ -182,11 +192,11 @@ class GraphSubmit(_Strict):
     ``variables``, here or in an earlier submission; a call's outputs without a value."""
 
     session_id: VarId
-    variables: list[VariableDecl] = Field(default_factory=list)
-    calls: list[CallDecl] = Field(default_factory=list)
+    variables: list[VariableDecl] = Field(default_factory=list, max_length=limits.MAX_VARIABLES_PER_GRAPH)
+    calls: list[CallDecl] = Field(default_factory=list, max_length=limits.MAX_CALLS_PER_GRAPH)
     # Fetches the app already makes, announced with the graph so that every call is
     # placed knowing its objective (a later GET with the same criterion changes nothing).
-    fetches: list[FetchDecl] = Field(default_factory=list)
+    fetches: list[FetchDecl] = Field(default_factory=list, max_length=limits.MAX_FETCHES_PER_GRAPH)
 
 
 class GraphAccepted(BaseModel):
@@ -196,7 +206,7 @@ class GraphAccepted(BaseModel):
 
 
 class SessionCreate(_Strict):
-    idle_timeout_s: float | None = Field(None, gt=0)
+    idle_timeout_s: float | None = Field(None, gt=0, le=limits.MAX_IDLE_TIMEOUT_S)
 
 
 class SessionInfo(BaseModel):
@@ -207,14 +217,14 @@ class SessionInfo(BaseModel):
 class VariableCreate(_Strict):
     id: VarId
     name: str | None = None
-    value: str | None = None
+    value: str | None = Field(None, max_length=limits.MAX_VALUE_CHARS)
 
 
 class VariableSet(_Strict):
     """Set a client-owned variable: a value, or an error that fails its consumers."""
 
-    value: str | None = None
-    error: str | None = None
+    value: str | None = Field(None, max_length=limits.MAX_VALUE_CHARS)
+    error: str | None = Field(None, max_length=limits.MAX_VALUE_CHARS)
 
 
 class VariableInfo(BaseModel):

@@ -26,6 +26,20 @@ from parrot.service.errors import BadRequestError
 
 PromptPiece = str | InputSegment  # static prompt text, or an input whose value goes there
 
+# A call's static prefix is computed on the event loop at submission, and only guides prefix
+# pins and placement: beyond this many characters of static text, only this much of it is
+# tokenized (a longer prefix would change nothing for pins, and a huge one would stall the loop).
+STATIC_PREFIX_CHARS = 16_384
+
+
+def _encode_head(tokenizer: ModelTokenizer, text: str,
+                 limit: int = STATIC_PREFIX_CHARS) -> tuple[list[int], bool]:
+    """Token ids of ``text``, or of its first ``limit`` characters less the last token (which
+    may merge with what follows); and whether it was cut."""
+    if len(text) <= limit:
+        return tokenizer.encode(text), False
+    return tokenizer.encode(text[:limit])[:-1], True
+
 
 def template_messages(messages: list[MessageDecl],
                       fill: Callable[[InputSegment], str]) -> list[dict[str, str]]:
@@ -88,12 +102,18 @@ def static_prefix(tokenizer: ModelTokenizer, decl: CallDecl) -> list[int]:
         pieces = layout(tokenizer, decl.messages)
         static = [p for p in pieces if isinstance(p, str)]
         if len(static) == len(pieces):  # no inputs: the whole prompt is known
-            return tokenizer.encode("".join(static))
+            return _encode_head(tokenizer, "".join(static))[0]
         head = pieces[0] if isinstance(pieces[0], str) else ""
-        return tokenizer.encode(head)[:-1]  # the last token may merge with the input's text
+        ids, cut = _encode_head(tokenizer, head)
+        return ids if cut else ids[:-1]  # the last token may merge with the input's text
     tokens = list(tokenizer.prompt_prefix_ids)
+    budget = STATIC_PREFIX_CHARS
     for segment in decl.segments:
-        if not isinstance(segment, TextSegment):
+        if not isinstance(segment, TextSegment) or budget <= 0:
             break
-        tokens += tokenizer.encode(segment.text)  # segment by segment, as the prompt is built
+        ids, cut = _encode_head(tokenizer, segment.text, budget)  # segment by segment, as the
+        tokens += ids                                             # prompt is built
+        if cut:
+            break
+        budget -= len(segment.text)
     return tokens

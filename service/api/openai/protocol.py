@@ -14,6 +14,11 @@ while sampling and rejects a schema it cannot use.
 
 ``max_tokens`` left out means "the rest of the context window, at most
 ``DEFAULT_MAX_TOKENS``" (see ``serving.py``).
+
+Edge checks (``parrot.limits``): ``seed`` is any 64-bit value, signed or unsigned (vLLM
+takes signed, some clients send unsigned); ``temperature`` below 1e-5 is greedy, as
+vLLM's ``_SAMPLING_EPS``; at most 256 prompts per completion request and 16 stop
+strings; bodies over 8 MiB are a 413 (``service/api/limits.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+
+from parrot import limits
 
 _NOT_SUPPORTED = "is not supported yet"
 
@@ -81,16 +88,16 @@ class SamplingRequest(_Request):
 
     model: str | None = Field(None, description="served model name; default: the served model")
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1.0")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1.0; below 1e-5 greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1, description="-1 or 0 keeps every token")
     n: int | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=limits.MAX_STOP_STRINGS)
     ignore_eos: bool | None = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=limits.MIN_SEED, le=limits.MAX_SEED)  # 64 bits, signed or not
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -123,6 +130,8 @@ class SamplingRequest(_Request):
     def _stop_non_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
         if v is not None and any(s == "" for s in ([v] if isinstance(v, str) else v)):
             raise ValueError("stop strings must be non-empty")
+        if isinstance(v, list) and len(v) > limits.MAX_STOP_STRINGS:
+            raise ValueError(f"at most {limits.MAX_STOP_STRINGS} stop strings are allowed")
         return v
 
     @model_validator(mode="after")
@@ -177,6 +186,9 @@ class CompletionRequest(SamplingRequest):
         if not ok:
             raise ValueError("prompt must be a string, a non-empty list of strings, a list of "
                              "token ids, or a list of non-empty token-id lists")
+        if isinstance(v, list) and not is_ids(v) and len(v) > limits.MAX_PROMPTS_PER_REQUEST:
+            raise ValueError(f"at most {limits.MAX_PROMPTS_PER_REQUEST} prompts are allowed in one "
+                             f"request (got {len(v)})")
         return v
 
     @field_validator("logprobs")
@@ -261,7 +273,7 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=limits.MAX_SEGMENTS_PER_CALL)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = None

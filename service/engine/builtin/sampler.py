@@ -12,7 +12,9 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
         return None
     gen = torch.Generator(device=device)
     if params.seed is not None:
-        gen.manual_seed(params.seed)
+        # Any 64-bit seed, signed or not, as the unsigned value torch keeps (it maps negatives
+        # the same way itself); the schemas refuse wider ones.
+        gen.manual_seed(params.seed % 2**64)
     else:
         gen.seed()
     return gen
@@ -35,21 +37,29 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> list[int]:
-    """Pick one token per row of ``logits``."""
+    """Pick one token per row of ``logits``. Each row is sampled on its own: a row whose
+    distribution is degenerate (no finite probability mass left) falls back to its greedy
+    token, so one request's parameters can never fail the others in the batch."""
     out = logits.argmax(dim=-1).tolist()
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.is_greedy:
             continue
-        scores = logits[row] / p.temperature
+        # float32 division: temperatures down to limits.MIN_TEMPERATURE stay finite here.
+        scores = logits[row].float() / p.temperature
         if p.top_k > 0 and p.top_k < scores.shape[0]:
             kth = torch.topk(scores, p.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest head whose mass reaches top_p (the top token always stays).
+            # Keep the smallest head whose mass reaches top_p (the top token always stays, even
+            # when top_p underflows float32 to 0).
             drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
+            drop[0] = False
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        total = probs.sum()
+        if not torch.isfinite(probs).all() or not total > 0:
+            continue  # e.g. a row whose every token is masked: keep its argmax
         out[row] = int(torch.multinomial(probs, 1, generator=gen).item())
     return out

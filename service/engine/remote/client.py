@@ -38,6 +38,9 @@ from parrot.service.engine.remote.protocol import (
 )
 from parrot.service.engine.tokenizer import ModelTokenizer
 
+# An engine's /info carries its tokenizer files (base64): a few MB for common models.
+MAX_INFO_BYTES = 64 * 2**20
+
 
 def load_tokenizer_files(files: dict[str, str]) -> Any:
     from transformers import AutoTokenizer
@@ -65,7 +68,7 @@ class RemoteEngine(Engine):
 
     async def start(self) -> None:
         """Fetch the engine's model, limits and tokenizer."""
-        info = EngineInfo.model_validate((await self._get("/info")).json())
+        info = EngineInfo.model_validate_json(await self._get_capped("/info", MAX_INFO_BYTES))
         self.model_name, self.max_context_len = info.model, info.max_context_len
         hf = await asyncio.to_thread(load_tokenizer_files, info.tokenizer_files)
         self.tokenizer = ModelTokenizer(hf, self.model_name)
@@ -133,14 +136,22 @@ class RemoteEngine(Engine):
         except (httpx.TransportError, RuntimeError):
             pass
 
-    async def _get(self, path: str) -> httpx.Response:
+    async def _get_capped(self, path: str, max_bytes: int) -> bytes:
+        """The body of a GET, read no further than ``max_bytes`` (the URL may be anything a
+        client registered: a larger answer is refused, not held in memory)."""
         try:
-            resp = await self._client.get(path)
+            async with self._client.stream("GET", path) as resp:
+                if resp.status_code != 200:
+                    raise EngineUnavailableError(f"engine at {self.url} answered HTTP {resp.status_code}")
+                body = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise EngineUnavailableError(f"engine at {self.url} answered more than "
+                                                     f"{max_bytes} bytes")
+                return bytes(body)
         except httpx.TransportError as exc:
             raise EngineUnavailableError(f"engine at {self.url} is unreachable: {exc}") from exc
-        if resp.status_code != 200:
-            raise _http_error(resp)
-        return resp
 
 
 def _http_error(resp: httpx.Response) -> Exception:

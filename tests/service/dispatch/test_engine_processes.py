@@ -95,9 +95,9 @@ def test_bad_registrations_are_rejected_with_a_reason(cluster):
     worker = cluster.worker(None)
     with httpx.Client(base_url=service, timeout=30) as http:
         r = http.post("/v1/engines", json={"url": "http://127.0.0.1:9", "model": "m", "max_context_len": 8})
-        assert r.status_code == 400 and "cannot reach" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "did not answer as a Parrot engine" in r.json()["error"]["message"]
         r = http.post("/v1/engines", json={"url": worker, "model": "other", "max_context_len": 8})
-        assert r.status_code == 400 and "serves 'tiny-llama'" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "does not serve the model 'other'" in r.json()["error"]["message"]
         r = http.post("/v1/engines", json={"url": worker})
         assert r.status_code == 400 and "model" in r.json()["error"]["message"]
         assert http.delete("/v1/engines/nope").status_code == 404
