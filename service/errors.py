@@ -8,6 +8,7 @@ their usual exceptions (``openai.BadRequestError``, ``openai.NotFoundError``, ..
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -100,6 +101,33 @@ class ServiceUnavailableError(ParrotAPIError):
     code = "service_unavailable"
 
 
+class AuthenticationError(ParrotAPIError):
+    """No API key, or one the service does not know (OpenAI's 401)."""
+
+    status_code = 401
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(ParrotAPIError):
+    """A valid key that may not do this (a tenant key on the engine routes)."""
+
+    status_code = 403
+    code = "permission_denied"
+
+
+class RateLimitError(ParrotAPIError):
+    """A tenant limit was hit; answered with ``Retry-After`` (whole seconds)."""
+
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: float = 1.0) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after_s = retry_after_s
+
+
 def error_response(info: ErrorInfo, status_code: int) -> JSONResponse:
     return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status_code)
 
@@ -145,7 +173,12 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ParrotAPIError)
     async def _api_error(_: Request, exc: ParrotAPIError) -> JSONResponse:
-        return error_response(exc.to_info(), exc.status_code)
+        resp = error_response(exc.to_info(), exc.status_code)
+        if isinstance(exc, RateLimitError):
+            resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        elif isinstance(exc, AuthenticationError):
+            resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

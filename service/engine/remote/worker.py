@@ -53,15 +53,18 @@ def engine_load(engine: BuiltinEngine) -> LoadInfo:
 class Registrar:
     """Keeps this engine registered with the service: register, heartbeat, re-register."""
 
-    def __init__(self, service_url: str, registration: EngineRegistration, engine: BuiltinEngine) -> None:
+    def __init__(self, service_url: str, registration: EngineRegistration, engine: BuiltinEngine,
+                 cluster_secret: str | None = None) -> None:
         self.service_url = service_url.rstrip("/")
+        # The service's operator credential, sent on every registry request (never logged).
+        self.headers = {"Authorization": f"Bearer {cluster_secret}"} if cluster_secret else {}
         self.registration = registration
         self.engine = engine
         self.engine_id: str | None = None
         self.registered = asyncio.Event()
 
     async def run(self) -> None:
-        async with httpx.AsyncClient(base_url=self.service_url, timeout=5.0) as client:
+        async with httpx.AsyncClient(base_url=self.service_url, timeout=5.0, headers=self.headers) as client:
             interval = 1.0
             while True:
                 try:
@@ -86,20 +89,22 @@ class Registrar:
         if self.engine_id is None:
             return
         with contextlib.suppress(httpx.HTTPError):
-            async with httpx.AsyncClient(base_url=self.service_url, timeout=2.0) as client:
+            async with httpx.AsyncClient(base_url=self.service_url, timeout=2.0,
+                                         headers=self.headers) as client:
                 await client.delete(f"/v1/engines/{self.engine_id}")
 
 
 def create_worker_app(engine: BuiltinEngine, *, service_url: str | None = None,
-                      advertise_url: str | None = None) -> FastAPI:
-    """The engine process's HTTP app; with ``service_url`` it registers as ``advertise_url``."""
+                      advertise_url: str | None = None, cluster_secret: str | None = None) -> FastAPI:
+    """The engine process's HTTP app; with ``service_url`` it registers as ``advertise_url``
+    (sending ``cluster_secret``, the service's operator credential, when given)."""
     registrar = None
     if service_url is not None:
         if advertise_url is None:
             raise ValueError("advertise_url is needed to register with a service")
         registration = EngineRegistration(url=advertise_url, model=engine.model_name,
                                           max_context_len=engine.max_context_len)
-        registrar = Registrar(service_url, registration, engine)
+        registrar = Registrar(service_url, registration, engine, cluster_secret)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -303,7 +303,7 @@ def test_a_stream_client_that_leaves_drops_its_subscription(tiny_engine_factory,
                       calls=[{"id": "c", "segments": [text("Go:"), out("long", 400)]}])
         with http.stream("GET", f"/v1/sessions/{native.sid}/variables/long/stream") as resp:
             next(line for line in resp.iter_lines() if line.startswith("data: "))
-        var = app.state.sessions.get(native.sid).graph.variable("long")
+        var = app.state.sessions.get(native.sid, None).graph.variable("long")
         deadline = time.monotonic() + 10
         while var.subscribers and time.monotonic() < deadline:
             time.sleep(0.05)
