@@ -8,7 +8,8 @@ from prometheus_client import REGISTRY
 def test_healthz(live_server):
     with live_server.http() as http:
         resp = http.get("/healthz")
-    assert resp.status_code == 200 and resp.json() == {"status": "ok"}
+    assert resp.status_code == 200 and resp.json() == {
+        "status": "ok", "draining": False, "engines": {"total": 1, "up": 1, "down": 0}}
 
 
 def test_openapi_schema_renders(live_server):
