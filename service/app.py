@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from parrot.limits import MAX_BODY_BYTES
+from parrot.service.api.auth import require_operator, require_tenant
 from parrot.service.api.engines import router as engines_router
+from parrot.service.api.limits import BodySizeLimitMiddleware
 from parrot.service.api.native import router as native_router
 from parrot.service.api.openai.router import router as openai_router
 from parrot.service.api.openai.serving import DEFAULT_MAX_TOKENS, OpenAIServing
@@ -21,20 +24,26 @@ from parrot.service.api.ops import router as ops_router
 from parrot.service.dispatch.dispatcher import DEFAULT_ENGINE_WAIT_S, Dispatcher
 from parrot.service.dispatch.registry import DEFAULT_EXPIRY_S, DEFAULT_PROBE_INTERVAL_S, EngineRegistry
 from parrot.service.dispatch.scheduler import GlobalScheduler
+from parrot.service.drain import DEFAULT_DRAIN_TIMEOUT_S, Drain, install_drain
 from parrot.service.engine.base import Engine
 from parrot.service.errors import install_exception_handlers
 from parrot.service.metrics import HTTPMetricsMiddleware, ServiceMetrics
 from parrot.service.runtime.executor import Executor
 from parrot.service.runtime.sessions import DEFAULT_IDLE_TIMEOUT_S, SessionManager
+from parrot.service.tenancy import Tenants
 
 
 def create_app(engines: Engine | Sequence[Engine] = (), *, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                session_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
                engine_expiry_s: float = DEFAULT_EXPIRY_S,
                engine_probe_interval_s: float = DEFAULT_PROBE_INTERVAL_S,
-               engine_wait_s: float = DEFAULT_ENGINE_WAIT_S) -> FastAPI:
+               engine_wait_s: float = DEFAULT_ENGINE_WAIT_S,
+               drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+               tenants: Tenants | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The service over ``engines`` (started with it: the builtin engine, SGLang or
-    OpenAI-compatible servers); with none, it waits for engine processes to register."""
+    OpenAI-compatible servers); with none, it waits for engine processes to register.
+    ``tenants``: the API keys, limits and operator credentials (none: open to anyone)."""
     registry = EngineRegistry(expiry_s=engine_expiry_s, probe_interval_s=engine_probe_interval_s)
     for engine in [engines] if isinstance(engines, Engine) else engines:
         registry.add(engine)
@@ -43,6 +52,7 @@ def create_app(engines: Engine | Sequence[Engine] = (), *, default_max_tokens: i
     service_metrics = ServiceMetrics(registry)
     dispatcher = Dispatcher(registry, scheduler, metrics=service_metrics, engine_wait_s=engine_wait_s)
     sessions = SessionManager(Executor(dispatcher), session_idle_timeout_s)
+    drain = Drain(sessions, drain_timeout_s)  # app.state.drain.run(): see parrot.service.drain
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -51,6 +61,7 @@ def create_app(engines: Engine | Sequence[Engine] = (), *, default_max_tokens: i
         try:
             yield
         finally:
+            drain.cancel_calls()  # what a drain left (or all, without one) fails with the cause
             await sessions.stop()
             await registry.stop()
 
@@ -60,11 +71,14 @@ def create_app(engines: Engine | Sequence[Engine] = (), *, default_max_tokens: i
     app.state.dispatcher = dispatcher
     app.state.metrics = service_metrics
     app.state.sessions = sessions
+    app.state.tenants = tenants or Tenants()
     app.state.openai_serving = OpenAIServing(dispatcher, default_max_tokens=default_max_tokens)
     install_exception_handlers(app)
+    install_drain(app, drain)  # inside the metrics middleware, so refusals are counted
     app.add_middleware(HTTPMetricsMiddleware, metrics=service_metrics)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=max_body_bytes)  # outermost: 413 first
     app.include_router(ops_router)
-    app.include_router(engines_router)
-    app.include_router(openai_router)
-    app.include_router(native_router)
+    app.include_router(engines_router, dependencies=[Depends(require_operator)])
+    app.include_router(openai_router, dependencies=[Depends(require_tenant)])
+    app.include_router(native_router, dependencies=[Depends(require_tenant)])
     return app

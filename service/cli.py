@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from parrot.service.drain import DEFAULT_DRAIN_TIMEOUT_S
 from parrot.service.engine.base import Engine
 from parrot.service.engine.builtin.engine import BuiltinEngine, BuiltinEngineConfig
 from parrot.service.engine.builtin.loader import DEFAULT_MODEL
@@ -21,6 +22,7 @@ from parrot.service.engine.factory import (
     load_config,
     parse_engine_spec,
 )
+from parrot.service.tenancy import Tenants, TenantsFileError, load_tenants
 
 app = typer.Typer(help="Parrot: serving LLM applications.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -100,14 +102,33 @@ def serve(
              "--service URL)")] = None,
     demo: Annotated[bool, typer.Option(help="Once up, send one chat request to itself and "
                                             "print it")] = False,
+    drain_timeout: Annotated[float, typer.Option(
+        min=0.0, help="On SIGTERM or Ctrl-C, seconds in-flight work gets to finish (new work gets "
+                      "503) before what is left is cancelled; a second signal cancels at once")
+    ] = DEFAULT_DRAIN_TIMEOUT_S,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    api_key: Annotated[str | None, typer.Option(
+        help="Require this key (Authorization: Bearer or x-api-key) on the native and OpenAI "
+             "routes: one tenant, no limits")] = None,
+    tenants: Annotated[str | None, typer.Option(
+        help="A TOML file of tenants, their keys and limits (see the README)")] = None,
+    admin_key: Annotated[str | None, typer.Option(
+        help="Operator key for the engine routes (register, heartbeat, remove, list)")] = None,
+    cluster_secret: Annotated[str | None, typer.Option(
+        help="Secret engine processes send to register (parrot engine --cluster-secret); "
+             "an operator credential like --admin-key")] = None,
 ) -> None:
     """Serve the native and OpenAI-compatible APIs (and /healthz, /metrics, /v1/engines) over HTTP."""
     import uvicorn
 
     from parrot.service.app import create_app
+    from parrot.service.server import DrainingServer
 
     console = Console(stderr=True)
+    try:
+        access = tenants_from_options(api_key, tenants, admin_key, cluster_secret)
+    except TenantsFileError as exc:
+        raise typer.Exit(_fail(console, str(exc))) from None
     try:
         service_config = load_config(config) if config else ServiceConfig()
         specs = [*service_config.engines, *(parse_engine_spec(e) for e in engine or ())]
@@ -126,7 +147,11 @@ def serve(
         except EngineSpecError as exc:
             raise typer.Exit(_fail(console, str(exc))) from None
         console.print(f"Engine [bold]{spec.kind}[/] at {spec.url} serving {engines[-1].model_name}")
-    server = uvicorn.Server(uvicorn.Config(create_app(engines), host=host, port=port, log_level=log_level))
+    console.print(access_line(access), highlight=False)
+    service = create_app(engines, tenants=access)
+    # Drains on SIGTERM/SIGINT before uvicorn stops: see parrot.service.server.
+    server = DrainingServer(uvicorn.Config(service, host=host, port=port, log_level=log_level),
+                            service.state.drain, drain_timeout)
 
     async def run() -> None:
         serving = asyncio.create_task(server.serve())
@@ -137,6 +162,33 @@ def serve(
         await serving
 
     asyncio.run(run())
+
+
+def tenants_from_options(api_key: str | None, tenants_file: str | None, admin_key: str | None,
+                         cluster_secret: str | None) -> Tenants:
+    """The service's tenants and operator credentials (a bad file raises TenantsFileError)."""
+    if api_key is not None and tenants_file is not None:
+        raise TenantsFileError("--api-key and --tenants are alternatives; give one")
+    admin = [k for k in (admin_key, cluster_secret) if k]
+    if tenants_file is not None:
+        return Tenants(load_tenants(tenants_file), admin_keys=admin)
+    if api_key:
+        return Tenants.single_key(api_key, admin_keys=admin)
+    return Tenants(admin_keys=admin)
+
+
+def access_line(access: Tenants) -> str:
+    """One start-up line saying who may use the service."""
+    operator = "engine routes need the operator credential"
+    if not access.operator_required:
+        return ("No API keys configured: anyone who can reach this port can use the service and "
+                "register engines")
+    if not access.keys_required:
+        return f"No API keys configured: anyone who can reach this port can use the service; {operator}"
+    if access.has_operator:
+        return f"API keys required (tenants: {', '.join(access.by_name)}); {operator}"
+    return (f"API keys required (tenants: {', '.join(access.by_name)}); engine routes are closed "
+            "(no --admin-key or --cluster-secret)")
 
 
 def _connect_host(host: str) -> str:
@@ -198,6 +250,8 @@ def engine_process(
     prefix_caching: PrefixCachingOption = True,
     threads: ThreadsOption = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
+    cluster_secret: Annotated[str | None, typer.Option(
+        help="The service's --cluster-secret (or --admin-key), sent to register and heartbeat")] = None,
 ) -> None:
     """Run an engine process that registers with a Parrot service and heartbeats its load."""
     import socket
@@ -215,7 +269,7 @@ def engine_process(
             sock.bind((host, 0))
             port = sock.getsockname()[1]
     url = advertise_url or f"http://{_connect_host(host)}:{port}"
-    app = create_worker_app(loaded, service_url=service, advertise_url=url)
+    app = create_worker_app(loaded, service_url=service, advertise_url=url, cluster_secret=cluster_secret)
     console.print(f"Engine listening on {url}, registering with {service}")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 

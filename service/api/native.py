@@ -20,7 +20,9 @@ from parrot.schemas import (
     VariableInfo,
     VariableSet,
 )
+from parrot.service.api.auth import request_tenant
 from parrot.service.api.http import sse_event, sse_response
+from parrot.service.drain import Drain
 from parrot.service.errors import FailedDependencyError
 from parrot.service.runtime.sessions import SessionManager, variable_info
 
@@ -33,21 +35,25 @@ def _sessions(request: Request) -> SessionManager:
     return request.app.state.sessions
 
 
+def _drain(request: Request) -> Drain:
+    return request.app.state.drain
+
+
 @router.post("/sessions")
 async def create_session(request: Request, body: SessionCreate | None = None) -> SessionInfo:
-    session = _sessions(request).create(body.idle_timeout_s if body else None)
+    session = _sessions(request).create(body.idle_timeout_s if body else None, request_tenant(request))
     return SessionInfo(id=session.id, idle_timeout_s=session.idle_timeout_s)
 
 
 @router.delete("/sessions/{session_id}")
 async def delete_session(request: Request, session_id: str) -> dict:
-    _sessions(request).delete(session_id)
+    _sessions(request).delete(session_id, request_tenant(request))
     return {"id": session_id, "deleted": True}
 
 
 @router.post("/graphs")
 async def submit_graph(request: Request, body: GraphSubmit) -> GraphAccepted:
-    calls = _sessions(request).submit(body)
+    calls = _sessions(request).submit(body, request_tenant(request))
     return GraphAccepted(session_id=body.session_id, variables=[v.id for v in body.variables], calls=calls)
 
 
@@ -55,28 +61,29 @@ async def submit_graph(request: Request, body: GraphSubmit) -> GraphAccepted:
 async def submit_call(request: Request, session_id: str, body: CallDecl) -> CallInfo:
     """One call at a time; its output variables are created if the session lacks them."""
     sessions = _sessions(request)
-    session = sessions.get(session_id)
-    sessions.submit(sessions.single_call_graph(session, body))
+    session = sessions.get(session_id, request_tenant(request))
+    sessions.submit(sessions.single_call_graph(session, body), session.tenant)
     return sessions.call_info(session, body.id)
 
 
 @router.get("/sessions/{session_id}/calls/{call_id}")
 async def get_call(request: Request, session_id: str, call_id: str) -> CallInfo:
     sessions = _sessions(request)
-    return sessions.call_info(sessions.get(session_id), call_id)
+    return sessions.call_info(sessions.get(session_id, request_tenant(request)), call_id)
 
 
 @router.post("/sessions/{session_id}/variables")
 async def create_variable(request: Request, session_id: str, body: VariableCreate) -> VariableInfo:
     sessions = _sessions(request)
-    var = sessions.get(session_id).graph.add_variable(body.id, body.name, body.value)
+    var = sessions.get(session_id, request_tenant(request)).graph.add_variable(body.id, body.name, body.value)
     return variable_info(var)
 
 
 @router.post("/sessions/{session_id}/variables/{var_id}")
 async def set_variable(request: Request, session_id: str, var_id: str, body: VariableSet) -> VariableInfo:
     sessions = _sessions(request)
-    var = sessions.set_variable(sessions.get(session_id), var_id, body.value, body.error)
+    var = sessions.set_variable(sessions.get(session_id, request_tenant(request)), var_id, body.value,
+                                body.error)
     return variable_info(var)
 
 
@@ -87,7 +94,10 @@ async def get_variable(
     timeout: float = Query(30.0, ge=0.0, le=MAX_POLL_S),
 ) -> VariableInfo:
     sessions = _sessions(request)
-    var = await sessions.fetch(sessions.get(session_id), var_id, criterion, timeout)
+    session = sessions.get(session_id, request_tenant(request))
+    polled = session.graph.variable(var_id)  # 404 before any waiting
+    # While draining, a poll of a variable nothing will produce ends at once (503).
+    var = await _drain(request).fetch(sessions.fetch(session, var_id, criterion, timeout), polled)
     if var.error is not None:
         raise FailedDependencyError(var.error, param="var")
     return variable_info(var)
@@ -98,8 +108,10 @@ async def stream_variable(
     request: Request, session_id: str, var_id: str, criterion: Criterion = Criterion.TTFT,
 ) -> Response:
     sessions = _sessions(request)
-    session = sessions.get(session_id)
+    session = sessions.get(session_id, request_tenant(request))
     var = session.graph.variable(var_id)
+    drain = _drain(request)
+    drain.refuse_idle(var)
     queue: asyncio.Queue = asyncio.Queue()
     var.subscribers.append(queue)
     # Text generated before this subscriber arrived goes first, then live deltas.
@@ -113,7 +125,8 @@ async def stream_variable(
             if backlog:
                 yield sse_event({"delta": backlog})
             while True:
-                kind, payload = await queue.get()
+                # Once draining, a stream of a variable nothing will produce gets an error event.
+                kind, payload = await drain.next_event(queue, var)
                 if kind == "delta":
                     yield sse_event({"delta": payload})
                 elif kind == "done":
@@ -132,4 +145,4 @@ async def stream_variable(
 @router.get("/sessions/{session_id}/graph")
 async def get_graph(request: Request, session_id: str) -> GraphInfo:
     sessions = _sessions(request)
-    return sessions.graph_info(sessions.get(session_id))
+    return sessions.graph_info(sessions.get(session_id, request_tenant(request)))

@@ -162,7 +162,11 @@ class Dispatch:
         d.scheduler.begin(self.handle, self.objective)
         self._counted = True
         if self.request.on_placed is not None:
-            await self.request.on_placed(self.handle, prompt)
+            try:
+                await self.request.on_placed(self.handle, prompt)
+            except BaseException:  # cancelled (its session went) or failed: it never started, and
+                self._end_count(self.handle)  # whoever placed it gets no Dispatch to close
+                raise
 
     async def set_priority(self, priority: int, objective: Objective) -> None:
         """A fetch raised this request's importance: re-count and re-rank it where it runs."""

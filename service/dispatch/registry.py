@@ -31,6 +31,9 @@ DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
 DEFAULT_EXPIRY_S = 5.0
 DEFAULT_PROBE_INTERVAL_S = 2.0
 
+NOT_AN_ENGINE = "the URL did not answer as a Parrot engine"
+REGISTRATION_TIMEOUT_S = 30.0  # for a registering engine's /info (and its tokenizer) to load
+
 
 @dataclass(eq=False)
 class EngineHandle:
@@ -80,15 +83,19 @@ class EngineRegistry:
                 await self.remove(handle.id, "it registered again")
         engine = RemoteEngine(registration.url)
         try:
-            await engine.start()
+            await asyncio.wait_for(engine.start(), REGISTRATION_TIMEOUT_S)  # a URL that trickles
         except Exception as exc:
             await engine.shutdown()
-            raise BadRequestError(f"cannot reach the engine at {registration.url}: {exc}",
-                                  param="url") from exc
+            # One answer whatever happened: echoing what the URL answered, or telling a refused
+            # connection from a wrong reply, would make this route a probe of the service's
+            # network (server-side request forgery). The cause goes to the operator's log.
+            logger.warning("engine registration from %s refused: %s", registration.url,
+                           type(exc).__name__)
+            raise BadRequestError(NOT_AN_ENGINE, param="url") from None
         if engine.model_name != registration.model:
             await engine.shutdown()
-            raise BadRequestError(f"the engine at {registration.url} serves {engine.model_name!r}, "
-                                  f"not {registration.model!r}", param="model")
+            raise BadRequestError(f"the engine at {registration.url} does not serve the model "
+                                  f"{registration.model!r}", param="model")
         handle = self._add(EngineHandle(f"engine-{next(self._ids)}", engine, registered=True, started=True))
         logger.info("engine %s registered from %s (%s)", handle.id, handle.url, handle.model)
         return handle
@@ -211,3 +218,7 @@ class EngineRegistry:
             for handle in list(self.handles.values()):
                 if handle.registered and now - handle.last_heartbeat > self.expiry_s:
                     await self.remove(handle.id, f"no heartbeat for {self.expiry_s:g} s")
+                elif not handle.registered and handle.down is None and not handle.engine.alive:
+                    # An in-process engine whose runner died: route work elsewhere, and let
+                    # health say so (its probe keeps failing; only a restart brings it back).
+                    await self.failed(handle, "its engine thread stopped")

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from parrot import limits
 from parrot.service.engine.tokenizer import ModelTokenizer
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -36,15 +37,16 @@ class InvalidRequestError(ValueError):
 
 
 class SamplingParams(BaseModel):
-    """How to pick tokens. ``temperature == 0`` (or ``top_k == 1``) is greedy."""
+    """How to pick tokens. ``temperature`` below ``limits.MIN_TEMPERATURE`` (or ``top_k == 1``)
+    is greedy. ``seed`` takes any 64-bit value, signed or unsigned."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_new_tokens: int = Field(128, ge=0)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(-1, ge=-1, description="-1 or 0 keeps every token")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=limits.MIN_SEED, le=limits.MAX_SEED)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -65,7 +67,7 @@ class SamplingParams(BaseModel):
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < limits.MIN_TEMPERATURE or self.top_k == 1
 
 
 Objective = Literal["latency", "throughput"]
@@ -156,6 +158,13 @@ class Engine(abc.ABC):
 
     async def health(self) -> bool:
         """Whether the engine answers now (probed while it is marked down)."""
+        return True
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine can never serve again without a restart (an in-process
+        runner thread that died); a server that stopped answering may come back, so it stays
+        alive and is marked down instead."""
         return True
 
     async def pin_prefix(self, pin_id: str, token_ids: list[int]) -> None:

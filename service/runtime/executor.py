@@ -27,7 +27,7 @@ from parrot.schemas import CallDecl, InputSegment, OutputSegment, TextSegment
 from parrot.service.dispatch.dispatcher import Dispatch, Dispatcher, DispatchRequest
 from parrot.service.dispatch.registry import EngineHandle
 from parrot.service.dispatch.sampling import from_config
-from parrot.service.engine.tokenizer import ModelTokenizer
+from parrot.service.engine.tokenizer import ModelTokenizer, off_loop
 from parrot.service.errors import ParrotAPIError
 from parrot.service.runtime import prompts
 from parrot.service.runtime.graph import Call, Variable
@@ -97,6 +97,7 @@ class Executor:
             call.task.cancel()
         call.state, call.error, call.finished = "cancelled", reason, time.time()
         self.pins.resolved(call)
+        self.dispatcher.scheduler.group_done(call.id)  # a consumer that never ran: forget its group
         for var in call.outputs:
             var.fail(reason)
 
@@ -124,26 +125,30 @@ class Executor:
             call.state, call.finished = "done", time.time()
         finally:
             self.pins.resolved(call)
+            if call.tenant is not None:  # tokens_per_minute: charged once the call ends
+                call.tenant.charge(call.prompt_tokens + call.output_tokens)
 
     async def _generate(self, call: Call) -> None:
         tokenizer = await self.dispatcher.tokenizer()
         if call.messages is not None and call.reply is not None:
             values = {v.id: v.value or "" for v in call.inputs}
             messages = prompts.chat_messages(call.messages, values)
-            ids = prompts.encode_chat(tokenizer, messages)
+            chars = sum(len(m["content"]) for m in messages)  # a big input: off the event loop
+            ids = await off_loop(chars, prompts.encode_chat, tokenizer, messages)
             await self._output(call, None, ids, call.reply, messages)
             return
         context = list(tokenizer.prompt_prefix_ids)
         handle: EngineHandle | None = None
         for segment in call.segments:
             if isinstance(segment, TextSegment):
-                context += tokenizer.encode(segment.text)
+                context += await off_loop(len(segment.text), tokenizer.encode, segment.text)
             elif isinstance(segment, InputSegment):
                 var = next(v for v in call.inputs if v.id == segment.var)
                 if var.token_ids is not None and segment.strip is None:
                     context += var.token_ids  # as generated: their KV is cached
                 else:
-                    context += tokenizer.encode(segment.apply(var.value or ""))
+                    value = segment.apply(var.value or "")
+                    context += await off_loop(len(value), tokenizer.encode, value)
             elif isinstance(segment, OutputSegment):
                 handle, ids = await self._output(call, handle, context, segment)
                 context += ids
@@ -156,6 +161,8 @@ class Executor:
         later outputs follow it to the same engine (their context is cached there)."""
         var = next(v for v in call.outputs if v.id == segment.var)
         objective = objective_of(call.criterion)
+        if call.tenant is not None:  # the whole prompt is known only now
+            call.tenant.check_prompt(len(context))
 
         async def placed(where: EngineHandle, prompt: list[int]) -> None:
             call.engine_id = where.id

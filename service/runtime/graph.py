@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from parrot import limits
 from parrot.schemas import (
     CallDecl,
     Criterion,
@@ -21,6 +22,7 @@ from parrot.schemas import (
     Segment,
 )
 from parrot.service.errors import BadRequestError, ConflictError, NotFoundError
+from parrot.service.tenancy import Tenant
 
 CallState = Literal["pending", "running", "done", "failed", "cancelled"]
 
@@ -88,6 +90,7 @@ class Call:
     finish_reason: Literal["stop", "length"] | None = None  # of its last output
     messages: list[MessageDecl] | None = None  # a chat call's prompt, instead of segments
     reply: OutputSegment | None = None  # a chat call's one output
+    tenant: Tenant | None = None  # its session's owner: limits and token accounting
 
     @property
     def generations(self) -> list[OutputSegment]:
@@ -135,14 +138,25 @@ class SessionGraph:
     def add_variable(self, var_id: str, name: str | None, value: str | None) -> Variable:
         if var_id in self.variables:
             raise ConflictError(f"variable {var_id!r} already exists in this session")
+        self._check_size(0, 1)
         var = Variable(var_id, name)
         if value is not None:
             var.set(value)
         self.variables[var_id] = var
         return var
 
+    def _check_size(self, new_calls: int, new_variables: int) -> None:
+        # Per submission the schemas cap a graph; this caps what submissions add up to.
+        if len(self.calls) + new_calls > limits.MAX_CALLS_PER_SESSION:
+            raise BadRequestError(f"a session holds at most {limits.MAX_CALLS_PER_SESSION} calls",
+                                  param="calls")
+        if len(self.variables) + new_variables > limits.MAX_VARIABLES_PER_SESSION:
+            raise BadRequestError(f"a session holds at most {limits.MAX_VARIABLES_PER_SESSION} "
+                                  "variables", param="variables")
+
     def add(self, graph: GraphSubmit) -> list[Call]:
         """Validate and add a submitted graph; return its new calls in submission order."""
+        self._check_size(len(graph.calls), len(graph.variables))
         new_vars = {d.id: d for d in graph.variables}
         if len(new_vars) != len(graph.variables):
             raise BadRequestError("a variable id appears twice in the graph")

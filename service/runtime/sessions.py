@@ -15,6 +15,7 @@ from parrot.schemas import (
     EdgeInfo,
     GraphInfo,
     GraphSubmit,
+    OutputSegment,
     VariableDecl,
     VariableInfo,
 )
@@ -22,13 +23,15 @@ from parrot.service.errors import ConflictError, NotFoundError
 from parrot.service.runtime.executor import Executor
 from parrot.service.runtime.graph import Call, SessionGraph, Variable, call_variable_ids
 from parrot.service.runtime.objectives import apply_fetch, assign_task_groups
+from parrot.service.tenancy import Tenant
 
 DEFAULT_IDLE_TIMEOUT_S = 3600.0
 
 
 class Session:
-    def __init__(self, session_id: str, idle_timeout_s: float) -> None:
+    def __init__(self, session_id: str, idle_timeout_s: float, tenant: Tenant | None = None) -> None:
         self.id = session_id
+        self.tenant = tenant or Tenant("default")  # its owner: only it can see the session
         self.idle_timeout_s = idle_timeout_s
         self.graph = SessionGraph()
         self.last_active = time.monotonic()
@@ -51,23 +54,30 @@ class SessionManager:
         self._reaper: asyncio.Task | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
-    def create(self, idle_timeout_s: float | None = None) -> Session:
-        session = Session(uuid.uuid4().hex, idle_timeout_s or self.default_idle_timeout_s)
+    def create(self, idle_timeout_s: float | None = None, tenant: Tenant | None = None) -> Session:
+        """A new session owned by ``tenant`` (429 over its max_sessions or tokens_per_minute)."""
+        if tenant is not None:
+            tenant.check_session()
+        session = Session(uuid.uuid4().hex, idle_timeout_s or self.default_idle_timeout_s, tenant)
         self.sessions[session.id] = session
+        session.tenant.open_sessions += 1
         return session
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, tenant: Tenant | None) -> Session:
+        """The session, if ``tenant`` owns it; another tenant's session is a 404 exactly like
+        an unknown id. ``None`` is the service itself (no owner check)."""
         session = self.sessions.get(session_id)
-        if session is None:
+        if session is None or (tenant is not None and session.tenant is not tenant):
             raise NotFoundError(f"session {session_id!r} not found", param="session_id")
         session.touch()
         return session
 
-    def delete(self, session_id: str) -> None:
+    def delete(self, session_id: str, tenant: Tenant | None = None) -> None:
         """Cancel the session's unfinished calls (aborting their engine requests) and drop it."""
-        session = self.get(session_id)
+        session = self.get(session_id, tenant)
         del self.sessions[session_id]
         session.deleted = True
+        session.tenant.open_sessions -= 1
         for call in session.graph.calls.values():
             self.executor.cancel(call, "the session was deleted")
         for var in session.graph.variables.values():
@@ -93,14 +103,26 @@ class SessionManager:
             self.delete(session_id)
 
     # ---- graph operations ------------------------------------------------------------
-    def submit(self, graph: GraphSubmit) -> list[str]:
-        session = self.get(graph.session_id)
+    def submit(self, graph: GraphSubmit, tenant: Tenant | None = None) -> list[str]:
+        session = self.get(graph.session_id, tenant)
+        owner = session.tenant
+        llm = [d for d in graph.calls if d.kind == "llm"]
+        for decl in llm:  # per-call limits, before anything is added
+            outputs = [s for s in decl.segments if isinstance(s, OutputSegment)]
+            outputs += [decl.output] if decl.output is not None else []
+            owner.check_max_tokens(sum(o.sampling.max_tokens for o in outputs), param="sampling.max_tokens")
+        owner.check_calls(len(llm))
         static_prefixes = self.executor.prepare(graph.calls)
+        for prefix in static_prefixes.values():  # the whole prompt is checked when it runs
+            owner.check_prompt(len(prefix), param="segments")
         declared = {v.id for v in graph.variables}
         for fetch in graph.fetches:  # an unknown id is refused before anything is added
             if fetch.var not in declared:
                 session.graph.variable(fetch.var)
         calls = session.graph.add(graph)
+        for call in calls:
+            call.tenant = owner
+        owner.calls_submitted(c for c in calls if c.kind == "llm")
         assign_task_groups(calls)
         for fetch in graph.fetches:  # before the new calls launch, so each is placed for its objective
             for call in apply_fetch(session.graph.variable(fetch.var), fetch.criterion):

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from parrot.service.api.auth import request_tenant
 from parrot.service.api.http import EventStream, run_until_disconnect, sse_response
 from parrot.service.api.openai.protocol import (
     ChatCompletionRequest,
@@ -45,10 +46,11 @@ def _to_http(result: object) -> Response:
 
 @router.post("/completions", response_model=CompletionResponse)
 async def create_completion(body: CompletionRequest, raw: Request, serving: Serving) -> Response:
-    return _to_http(await run_until_disconnect(raw, serving.create_completion(body)))
+    return _to_http(await run_until_disconnect(raw, serving.create_completion(body, request_tenant(raw))))
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
                                  serving: Serving) -> Response:
-    return _to_http(await run_until_disconnect(raw, serving.create_chat_completion(body)))
+    return _to_http(await run_until_disconnect(raw, serving.create_chat_completion(body,
+                                                                                   request_tenant(raw))))

@@ -41,7 +41,7 @@ from parrot.service.dispatch.dispatcher import Dispatch, Dispatcher, DispatchReq
 from parrot.service.dispatch.sampling import sampling_params
 from parrot.service.dispatch.streams import RequestGroup
 from parrot.service.engine.base import GenerateOutput, InvalidRequestError, SamplingParams
-from parrot.service.engine.tokenizer import ModelTokenizer
+from parrot.service.engine.tokenizer import ModelTokenizer, off_loop
 from parrot.service.errors import (
     BadRequestError,
     ContextLengthExceededError,
@@ -49,6 +49,7 @@ from parrot.service.errors import (
     ModelNotFoundError,
     ServiceUnavailableError,
 )
+from parrot.service.tenancy import Tenant
 
 DEFAULT_MAX_TOKENS = 1024
 
@@ -98,12 +99,16 @@ class OpenAIServing:
 
     # ---- /v1/completions --------------------------------------------------------------
     async def create_completion(
-        self, request: CompletionRequest
+        self, request: CompletionRequest, tenant: Tenant | None = None
     ) -> CompletionResponse | EventStream:
         model = self._model(request.model)
-        prompts = self._completion_prompts(await self.dispatcher.tokenizer(model), request)
+        tokenizer = await self.dispatcher.tokenizer(model)
+        prompt = request.prompt
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(p) for p in prompt if isinstance(p, str))
+        prompts = await off_loop(chars, self._completion_prompts, tokenizer, request)
         response_id = f"cmpl-{uuid.uuid4().hex}"
-        group = await self._start(model, response_id, prompts, request, COMPLETIONS, param="prompt")
+        group = await self._start(model, response_id, prompts, request, COMPLETIONS, param="prompt",
+                                  tenant=tenant)
         if request.stream:
             events = self._completion_events(group, response_id, request.include_usage)
             return self._event_stream(events, group, COMPLETIONS)
@@ -144,14 +149,17 @@ class OpenAIServing:
 
     # ---- /v1/chat/completions ---------------------------------------------------------
     async def create_chat_completion(
-        self, request: ChatCompletionRequest
+        self, request: ChatCompletionRequest, tenant: Tenant | None = None
     ) -> ChatCompletionResponse | EventStream:
         model = self._model(request.model)
         messages = [m.to_template_dict() for m in request.messages]
-        prompt = self._chat_prompt(await self.dispatcher.tokenizer(model), messages)
+        tokenizer = await self.dispatcher.tokenizer(model)
+        chars = sum(len(m["content"]) for m in messages)
+        prompt = await off_loop(chars, self._chat_prompt, tokenizer, messages)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         group = await self._start(model, response_id, [prompt], request, CHAT, param="messages",
-                                  max_tokens=request.max_output_tokens, messages=messages)
+                                  max_tokens=request.max_output_tokens, messages=messages,
+                                  tenant=tenant)
         if request.stream:
             events = self._chat_events(group, response_id, request.include_usage)
             return self._event_stream(events, group, CHAT)
@@ -233,29 +241,41 @@ class OpenAIServing:
     async def _start(self, model: str, response_id: str, prompts: list[list[int]],
                      request: SamplingRequest, endpoint: str, *, param: str,
                      max_tokens: int | None = None,
-                     messages: list[dict[str, str]] | None = None) -> _Served:
+                     messages: list[dict[str, str]] | None = None,
+                     tenant: Tenant | None = None) -> _Served:
         """Dispatch one request per prompt; fail (4xx/5xx) before any response byte if the
-        engine rejects a prompt or fails at once."""
+        engine rejects a prompt or fails at once. The request counts as one call of
+        ``tenant`` while it runs, and its tokens are charged to it when it ends."""
         if max_tokens is None:
             max_tokens = request.max_tokens
+        if tenant is not None:
+            if max_tokens is not None:
+                tenant.check_max_tokens(max_tokens)
+            for prompt in prompts:
+                tenant.check_prompt(len(prompt), param=param)
+            tenant.check_calls(1)
         max_context_len = min(h.engine.max_context_len for h in await self.dispatcher.engines(model))
         requests = []
         for i, prompt in enumerate(prompts):
             max_new_tokens = self._max_new_tokens(max_context_len, len(prompt), max_tokens, param)
+            if tenant is not None and tenant.config.max_tokens is not None:  # an unset max_tokens
+                max_new_tokens = min(max_new_tokens, tenant.config.max_tokens)
             requests.append(DispatchRequest(
                 prompt, self._sampling(request, max_new_tokens), model=model,
                 group_id=response_id if len(prompts) > 1 else None,  # a request's prompts stay together
                 messages=messages, endpoint=endpoint, request_id=f"{response_id}-{i}",
             ))
         dispatches: list[Dispatch] = []
+        lease = _Lease(tenant)
         try:
             for r in requests:
                 dispatches.append(await self.dispatcher.open(r))
         except BaseException:
+            lease.release(0)
             for dispatch in dispatches:  # placed already: counted in flight until closed
                 await dispatch.aclose()
             raise
-        group = _Served(dispatches, model, response_id)
+        group = _Served(dispatches, model, response_id, lease)
         try:
             firsts = await group.start()
         except BaseException:
@@ -279,6 +299,7 @@ class OpenAIServing:
         return choices
 
     async def _close(self, group: _Served) -> None:
+        group.lease.release(group.tokens_used)
         await group.aclose()
         self.dispatcher.scheduler.group_done(group.response_id)
 
@@ -290,10 +311,34 @@ class OpenAIServing:
 class _Served(RequestGroup):
     """The dispatched requests of one API request."""
 
-    def __init__(self, dispatches: list[Dispatch], model: str, response_id: str) -> None:
+    def __init__(self, dispatches: list[Dispatch], model: str, response_id: str,
+                 lease: _Lease | None = None) -> None:
         super().__init__(dispatches)
         self.model = model
         self.response_id = response_id
+        self.lease = lease or _Lease(None)
+        self.tokens_used = 0  # prompt + output of the prompts that finished
+
+    async def outputs(self) -> AsyncIterator[tuple[int, GenerateOutput]]:
+        async for index, out in super().outputs():
+            if out.finished:
+                self.tokens_used += out.num_prompt_tokens + out.num_output_tokens
+            yield index, out
+
+
+class _Lease:
+    """One running OpenAI request of a tenant: a call slot, then its tokens charged once."""
+
+    def __init__(self, tenant: Tenant | None) -> None:
+        self.tenant = tenant
+        if tenant is not None:
+            tenant.requests_running += 1
+
+    def release(self, tokens: int) -> None:
+        if self.tenant is not None:
+            self.tenant.requests_running -= 1
+            self.tenant.charge(tokens)
+            self.tenant = None
 
 
 def _observe(choice: _Choice, out: GenerateOutput) -> None:

@@ -16,7 +16,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -172,6 +172,14 @@ class BuiltinEngine(Engine):
             await asyncio.to_thread(self._thread.join)
             self._thread = None
 
+    @property
+    def alive(self) -> bool:
+        # Not started yet (or shut down) counts as alive: ``generate`` starts the thread.
+        return self._thread is None or self._thread.is_alive()
+
+    async def health(self) -> bool:
+        return self.alive
+
     def validate(self, request: GenerateRequest) -> None:
         n = len(request.prompt_token_ids)
         if n == 0:
@@ -270,22 +278,10 @@ class BuiltinEngine(Engine):
                 block = False
                 if kind == "stop":
                     return
-                if kind == "add":
-                    self._add(*arg)
-                elif kind == "abort":
-                    self._abort(arg)
-                elif kind == "priority":
-                    self._set_priority(*arg)
-                elif kind == "pin":
-                    self.scheduler.pin_prefix(*arg)
-                elif kind == "unpin":
-                    self.scheduler.unpin_prefix(arg)
-                elif kind == "sync":
-                    loop, done = arg
-                    try:
-                        loop.call_soon_threadsafe(_resolve, done)
-                    except RuntimeError:  # the waiter's loop is closed: nobody waits
-                        pass
+                try:
+                    self._command(kind, arg)
+                except Exception:  # one bad command must not end the thread that serves everyone
+                    logger.exception("engine command %r failed", kind)
             if self.scheduler.has_work:
                 try:
                     self.step()
@@ -293,7 +289,50 @@ class BuiltinEngine(Engine):
                     logger.exception("engine step failed")
                     self._fail_all(f"engine error: {exc}")
 
+    def _command(self, kind: str, arg: Any) -> None:  # each kind has its own argument
+        if kind == "add":
+            self._add(*arg)
+        elif kind == "abort":
+            self._abort(arg)
+        elif kind == "priority":
+            self._set_priority(*arg)
+        elif kind == "pin":
+            self.scheduler.pin_prefix(*arg)
+        elif kind == "unpin":
+            self.scheduler.unpin_prefix(arg)
+        elif kind == "sync":
+            loop, done = arg
+            try:
+                loop.call_soon_threadsafe(_resolve, done)
+            except RuntimeError:  # the waiter's loop is closed: nobody waits
+                pass
+
     def _add(self, request: GenerateRequest, grammar: LLMatcher | None = None) -> None:
+        try:
+            self._admit(request, grammar)
+        except Exception as exc:  # fail this request alone, with the cause
+            logger.exception("engine could not add request %s", request.request_id)
+            req = self._requests.pop(request.request_id, None)
+            if req is not None:
+                self.scheduler.finish(req)
+            self._send_error(request.request_id, f"engine error: {type(exc).__name__}: {exc}",
+                             len(request.prompt_token_ids))
+
+    def _send_error(self, request_id: str, error: str, num_prompt_tokens: int,
+                    num_cached_tokens: int = 0, num_output_tokens: int = 0) -> None:
+        """The last output of a request that failed, built without its detokenizer (which may
+        be what failed, or may not exist yet)."""
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        out = GenerateOutput(request_id=request_id, token_ids=[], text="",
+                             num_prompt_tokens=num_prompt_tokens, num_cached_tokens=num_cached_tokens,
+                             num_output_tokens=num_output_tokens, finished=True, finish_reason="abort",
+                             error=error)
+        loop, stream = target
+        loop.call_soon_threadsafe(stream.put_nowait, out)
+
+    def _admit(self, request: GenerateRequest, grammar: LLMatcher | None) -> None:
         sp = request.sampling
         seq = next(self._arrivals)
         group_seq = seq
@@ -382,9 +421,41 @@ class BuiltinEngine(Engine):
         if constrained:
             bitmask = self.grammars.fill_bitmask([samplers[i].grammar for i in constrained])
             logits = apply_token_bitmask(logits, constrained, bitmask)
-        tokens = sample(logits, [r.sampling for r in samplers], [r.generator for r in samplers])
+        try:
+            tokens: list[int | None] = list(
+                sample(logits, [r.sampling for r in samplers], [r.generator for r in samplers]))
+        except Exception:  # find the rows that fail, and fail only their requests
+            logger.exception("sampling a batch failed; sampling its rows one by one")
+            tokens = [self._sample_row(logits, i, req) for i, req in enumerate(samplers)]
         for req, token in zip(samplers, tokens, strict=True):
-            self._append_token(req, token)
+            if token is None:
+                continue
+            try:
+                self._append_token(req, token)
+            except Exception as exc:  # e.g. a detokenizer or grammar failure: this request's own
+                logger.exception("request %s failed after a step", req.request_id)
+                self._fail(req, f"engine error: {type(exc).__name__}: {exc}")
+
+    def _sample_row(self, logits: torch.Tensor, row: int, req: Request) -> int | None:
+        """One row's token, or None after failing its request with the cause."""
+        try:
+            return sample(logits[row:row + 1], [req.sampling], [req.generator])[0]
+        except Exception as exc:
+            self._fail(req, f"sampling failed: {type(exc).__name__}: {exc}")
+            return None
+
+    def _fail(self, req: Request, error: str) -> None:
+        """End one request with ``error``; the others in its batch go on."""
+        if self._requests.pop(req.request_id, None) is None:
+            return  # already ended
+        req.finish_reason = "abort"
+        self.scheduler.finish(req)
+        if req.group_id is not None and not any(
+            r.group_id == req.group_id for r in self._requests.values()
+        ):
+            self._group_seqs.pop(req.group_id, None)
+        self._send_error(req.request_id, error, req.num_prompt_tokens, max(req.num_cached_tokens, 0),
+                         req.num_output_tokens)
 
     def _append_token(self, req: Request, token: int) -> None:
         sp = req.sampling
