@@ -22,11 +22,11 @@ from benchmarks.load import rss_bytes, run_load, warm_up
 from tests.conftest import make_tiny_model
 from tests.service.conftest import free_port, wait_for_http
 
-SESSIONS = 60
+SESSIONS = 200
 PROCESSES = 3
 OPENAI_REQUESTS = 30
 TOKENS = 3
-# Growth allowed over the load: a leak of what 60 sessions hold (their graphs, token ids, KV
+# Growth allowed over the load: a leak of what 200 sessions hold (their graphs, token ids, KV
 # references) would be far larger relative to one session, but allocator slack is not zero.
 MAX_RSS_GROWTH = 150 << 20
 
