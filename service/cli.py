@@ -4,7 +4,7 @@ registers with one, ``generate`` runs one prompt."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, cast
 
 import httpx
 import typer
@@ -15,6 +15,7 @@ from parrot.service.drain import DEFAULT_DRAIN_TIMEOUT_S
 from parrot.service.engine.base import Engine
 from parrot.service.engine.builtin.engine import BuiltinEngine, BuiltinEngineConfig
 from parrot.service.engine.builtin.loader import DEFAULT_MODEL
+from parrot.service.engine.builtin.model import AttentionBackendOption
 from parrot.service.engine.factory import (
     EngineSpecError,
     ServiceConfig,
@@ -26,6 +27,11 @@ from parrot.service.tenancy import Tenants, TenantsFileError, load_tenants
 
 app = typer.Typer(help="Parrot: serving LLM applications.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
+
+# Idle keep-alive connections stay open this long. Clients pool connections (the SDK, the
+# OpenAI clients, load balancers); with uvicorn's 5 s default, a client that reuses one just
+# as the server closes it gets a broken read mid-request.
+KEEP_ALIVE_S = 75
 
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -43,15 +49,22 @@ LatencyStepOption = Annotated[int, typer.Option(
                 "get what they leave (0: no objective-aware batching)")]
 PrefixCachingOption = Annotated[bool, typer.Option(help="Reuse cached KV of shared prompt prefixes")]
 ThreadsOption = Annotated[int | None, typer.Option(min=1, help="CPU threads for torch [default: all]")]
+# A plain string checked by the engine, so a bad value fails in one line like other bad options.
+AttentionOption = Annotated[str, typer.Option(
+    "--attention-backend", help="Decode attention: torch, triton (Triton kernels; needs CUDA), or auto "
+                                "(triton on CUDA when Triton is installed, else torch)")]
 
 
 def engine_config(model: str | None, device: str = "auto", dtype: str = "auto",
                   kv_cache_gib: float = _DEFAULTS.kv_cache_gib, max_running: int = _DEFAULTS.max_running,
                   latency_step_tokens: int = _DEFAULTS.latency_step_tokens or 0,
-                  prefix_caching: bool = True) -> BuiltinEngineConfig:
+                  prefix_caching: bool = True,
+                  attention_backend: str = _DEFAULTS.attention_backend) -> BuiltinEngineConfig:
     return BuiltinEngineConfig(
         model=model, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, max_running=max_running,
         latency_step_tokens=latency_step_tokens or None, prefix_caching=prefix_caching,
+        # Validated where the engine resolves it (BuiltinEngine), before the model loads.
+        attention_backend=cast(AttentionBackendOption, attention_backend),
     )
 
 
@@ -69,8 +82,7 @@ def load_engine(console: Console, config: BuiltinEngineConfig, threads: int | No
         try:
             engine = BuiltinEngine(config)
         except (OSError, ValueError) as exc:  # missing model (FileNotFoundError), bad dtype/arch
-            console.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(1) from None
+            raise typer.Exit(_fail(console, str(exc))) from None
     console.print(
         f"Loaded [bold]{engine.model_name}[/] on {engine.device} "
         f"(context {engine.max_context_len} tokens)"
@@ -89,6 +101,7 @@ def serve(
     max_running: MaxRunningOption = _DEFAULTS.max_running,
     latency_step_tokens: LatencyStepOption = _DEFAULTS.latency_step_tokens or 0,
     prefix_caching: PrefixCachingOption = True,
+    attention_backend: AttentionOption = _DEFAULTS.attention_backend,
     threads: ThreadsOption = None,
     engine: Annotated[list[str] | None, typer.Option(
         "--engine", help="An engine server behind the service, as KIND=URL: sglang=http://HOST:PORT "
@@ -139,7 +152,7 @@ def serve(
     engines: list[Engine] = []
     if local_engine:
         builtin = engine_config(model, device, dtype, kv_cache_gib, max_running, latency_step_tokens,
-                                prefix_caching)
+                                prefix_caching, attention_backend)
         engines.append(load_engine(console, builtin, threads))
     for spec in specs:
         try:
@@ -150,8 +163,9 @@ def serve(
     console.print(access_line(access), highlight=False)
     service = create_app(engines, tenants=access)
     # Drains on SIGTERM/SIGINT before uvicorn stops: see parrot.service.server.
-    server = DrainingServer(uvicorn.Config(service, host=host, port=port, log_level=log_level),
-                            service.state.drain, drain_timeout)
+    config = uvicorn.Config(service, host=host, port=port, log_level=log_level,
+                            timeout_keep_alive=KEEP_ALIVE_S)
+    server = DrainingServer(config, service.state.drain, drain_timeout)
 
     async def run() -> None:
         serving = asyncio.create_task(server.serve())
@@ -248,6 +262,7 @@ def engine_process(
     max_running: MaxRunningOption = _DEFAULTS.max_running,
     latency_step_tokens: LatencyStepOption = _DEFAULTS.latency_step_tokens or 0,
     prefix_caching: PrefixCachingOption = True,
+    attention_backend: AttentionOption = _DEFAULTS.attention_backend,
     threads: ThreadsOption = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
     cluster_secret: Annotated[str | None, typer.Option(
@@ -262,7 +277,7 @@ def engine_process(
 
     console = Console(stderr=True)
     config = engine_config(model, device, dtype, kv_cache_gib, max_running, latency_step_tokens,
-                           prefix_caching)
+                           prefix_caching, attention_backend)
     loaded = load_engine(console, config, threads)
     if port == 0:
         with socket.socket() as sock:  # a free port now; the tiny race is acceptable for a CLI
@@ -271,7 +286,7 @@ def engine_process(
     url = advertise_url or f"http://{_connect_host(host)}:{port}"
     app = create_worker_app(loaded, service_url=service, advertise_url=url, cluster_secret=cluster_secret)
     console.print(f"Engine listening on {url}, registering with {service}")
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S)
 
 
 @app.command()

@@ -71,7 +71,8 @@ def serve_in_thread(app) -> Iterator[str]:
     port = sock.getsockname()[1]
     if inspect.isfunction(app):
         app = app(f"http://127.0.0.1:{port}")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
+                                          timeout_keep_alive=75))  # as parrot serve: pooled clients
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

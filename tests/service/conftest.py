@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,9 +129,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def upstream(tokenizer, tmp_path_factory) -> Iterator[Upstream]:
-    folder = tmp_path_factory.mktemp("upstream") / "tiny-llama"
+@contextmanager
+def parrot_serve(tokenizer, folder: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real ``parrot serve`` process on loopback serving a tiny random llama saved in
+    ``folder`` (named after the folder), with extra CLI ``args``: (its URL, the process)."""
     make_tiny_model(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     port = free_port()
@@ -139,17 +140,24 @@ def upstream(tokenizer, tmp_path_factory) -> Iterator[Upstream]:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "parrot.service", "serve", "--model", str(folder), "--port", str(port),
-             "--device", "cpu", "--threads", "1", "--kv-cache-gib", "0.05", "--log-level", "warning"],
+             "--device", "cpu", "--threads", "1", "--log-level", "warning", *args],
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/healthz", proc, log_path)
-        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-        yield Upstream(url, model, folder)
+        yield url, proc
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def upstream(tokenizer, tmp_path_factory) -> Iterator[Upstream]:
+    folder = tmp_path_factory.mktemp("upstream") / "tiny-llama"
+    with parrot_serve(tokenizer, folder, "--kv-cache-gib", "0.05") as (url, _):
+        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        yield Upstream(url, model, folder)
 
 
 @dataclass

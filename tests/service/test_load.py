@@ -8,19 +8,14 @@ session left after the clients delete theirs, no engine work left; the server's 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from benchmarks.load import rss_bytes, run_load, warm_up
-from tests.conftest import make_tiny_model
-from tests.service.conftest import free_port, wait_for_http
+from tests.service.conftest import parrot_serve
 
 SESSIONS = 200
 PROCESSES = 3
@@ -35,23 +30,8 @@ MAX_RSS_GROWTH = 150 << 20
 def served(tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     """A ``parrot serve`` process on a tiny random-weight llama: (its URL, its pid)."""
     folder = tmp_path_factory.mktemp("load") / "tiny-llama"
-    make_tiny_model(len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    port = free_port()
-    log_path = folder / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "parrot.service", "serve", "--model", str(folder), "--port", str(port),
-             "--device", "cpu", "--threads", "1", "--kv-cache-gib", "0.1", "--log-level", "warning"],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/healthz", proc, Path(log_path))
+    with parrot_serve(tokenizer, folder, "--kv-cache-gib", "0.1") as (url, proc):
         yield url, proc.pid
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
 
 
 def test_concurrent_sessions_delivered_once_without_leaks(served: tuple[str, int]) -> None:
