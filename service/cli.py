@@ -52,7 +52,7 @@ ThreadsOption = Annotated[int | None, typer.Option(min=1, help="CPU threads for 
 # A plain string checked by the engine, so a bad value fails in one line like other bad options.
 AttentionOption = Annotated[str, typer.Option(
     "--attention-backend", help="Decode attention: torch, triton (Triton kernels; needs CUDA), or auto "
-                                "(triton on CUDA when Triton is installed, else torch)")]
+                                "(torch until the Triton kernels are verified on GPUs)")]
 
 
 def engine_config(model: str | None, device: str = "auto", dtype: str = "auto",
@@ -163,9 +163,10 @@ def serve(
     console.print(access_line(access), highlight=False)
     service = create_app(engines, tenants=access)
     # Drains on SIGTERM/SIGINT before uvicorn stops: see parrot.service.server.
-    config = uvicorn.Config(service, host=host, port=port, log_level=log_level,
-                            timeout_keep_alive=KEEP_ALIVE_S)
-    server = DrainingServer(config, service.state.drain, drain_timeout)
+    # Not ``config``: that name is the --config file option here.
+    server_config = uvicorn.Config(service, host=host, port=port, log_level=log_level,
+                                   timeout_keep_alive=KEEP_ALIVE_S)
+    server = DrainingServer(server_config, service.state.drain, drain_timeout)
 
     async def run() -> None:
         serving = asyncio.create_task(server.serve())

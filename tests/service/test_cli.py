@@ -80,3 +80,27 @@ def test_serve_with_a_bad_engine_spec_fails_in_one_line(args, message):
     assert result.exit_code == 1
     assert message in result.stderr and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["serve", "--attention-backend", "flash"],
+     "unknown attention backend 'flash'; use auto, torch or triton"),
+    (["engine", "--service", "http://127.0.0.1:9", "--device", "cpu", "--attention-backend", "triton"],
+     "attention backend 'triton' cannot run on cpu"),
+])
+def test_a_bad_attention_backend_fails_in_one_line_before_loading(args, message, monkeypatch):
+    from parrot.service.engine.builtin import loader
+    from parrot.service.kernels import triton_attention
+
+    # As on a CPU host with Triton installed, whatever TRITON_INTERPRET says.
+    monkeypatch.setattr(triton_attention, "can_use_triton", lambda device: False)
+    monkeypatch.setattr(triton_attention, "triton_available", lambda: True)
+    loads: list[tuple] = []
+    monkeypatch.setattr(loader, "load_hf_model", lambda *a: loads.append(a))
+    help_text = runner.invoke(app, [args[0], "--help"], env={"COLUMNS": "200"}).stdout
+    assert "--attention-backend" in help_text
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert loads == []  # failed before reading any weights

@@ -31,7 +31,12 @@ from parrot.service.engine.base import (
 from parrot.service.engine.builtin import loader
 from parrot.service.engine.builtin.batch_builder import build_forward_batch
 from parrot.service.engine.builtin.grammar import JsonSchemaGrammars, matcher_error
-from parrot.service.engine.builtin.model import LlamaRunner, kv_bytes_per_token
+from parrot.service.engine.builtin.model import (
+    AttentionBackendOption,
+    LlamaRunner,
+    kv_bytes_per_token,
+    resolve_attention_backend,
+)
 from parrot.service.engine.builtin.radix_cache import RadixCache
 from parrot.service.engine.builtin.request import IncrementalDetokenizer, Request
 from parrot.service.engine.builtin.sampler import apply_token_bitmask, make_generator, sample
@@ -67,6 +72,10 @@ class BuiltinEngineConfig:
     # False: no compute is shared between requests (no radix cache, no two-phase attention);
     # for ablations, like vLLM without prefix caching.
     prefix_caching: bool = True
+    # Decode attention (plain and two-phase): "torch" (the reference), "triton" (the
+    # kernels in parrot.service.kernels; CUDA, or CPU under TRITON_INTERPRET=1 for tests),
+    # "auto": torch until the Triton kernels are verified on GPUs. Prefill always uses torch.
+    attention_backend: AttentionBackendOption = "auto"
 
 
 def _tune_cpu_allocator() -> None:
@@ -97,6 +106,8 @@ class BuiltinEngine(Engine):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        # Checked before the model loads, so a bad choice fails at once.
+        self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
         if self.device.type == "cpu":
             _tune_cpu_allocator()
         if hf_model is None:
@@ -112,7 +123,7 @@ class BuiltinEngine(Engine):
         hf_config = hf_model.config
         kv_bytes = kv_bytes_per_token(hf_config, hf_model.dtype)
         num_slots = max(int(config.kv_cache_gib * 2**30 // kv_bytes), 256)
-        self.runner = LlamaRunner(hf_model, num_slots, self.device)
+        self.runner = LlamaRunner(hf_model, num_slots, self.device, self.attention_backend)
         del hf_model
         limit = hf_config.max_position_embeddings
         window = getattr(hf_config, "sliding_window", None)

@@ -10,16 +10,21 @@ tokens (one per request) first, then prefill chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from parrot.service.kernels import triton_attention
 from parrot.service.kernels.attention import (
     paged_decode_attention,
     prefill_attention,
     shared_prefix_decode_attention,
 )
+
+AttentionBackend = Literal["torch", "triton"]
+AttentionBackendOption = Literal["auto", "torch", "triton"]
 
 
 @dataclass
@@ -70,6 +75,27 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * dtype.itemsize
 
 
+def resolve_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """The decode attention backend ``name`` stands for on ``device``; ValueError if it cannot run.
+
+    "auto" is torch for now: the Triton kernels are checked against torch in Triton's CPU
+    interpreter, but have not yet run (nor been timed) on a GPU, so they are opt-in
+    ("triton") until they have. On CPU they would run in the interpreter, which is for
+    testing and far slower than torch.
+    """
+    if name not in get_args(AttentionBackendOption):
+        raise ValueError(f"unknown attention backend {name!r}; use auto, torch or triton")
+    if name == "auto":
+        return "torch"
+    if name == "triton" and not triton_attention.can_use_triton(device):
+        if not triton_attention.triton_available():
+            raise ValueError("attention backend 'triton' needs Triton, which is not installed; "
+                             "use --attention-backend torch")
+        raise ValueError(f"attention backend 'triton' cannot run on {device.type}: it needs a CUDA "
+                         "device (or TRITON_INTERPRET=1 for CPU tests); use --attention-backend torch")
+    return "triton" if name == "triton" else "torch"
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same arithmetic as transformers' LlamaRMSNorm, so greedy outputs agree.
     dtype = x.dtype
@@ -84,10 +110,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class LlamaRunner:
-    def __init__(self, hf_model: PreTrainedModel, num_kv_slots: int, device: torch.device) -> None:
+    def __init__(self, hf_model: PreTrainedModel, num_kv_slots: int, device: torch.device,
+                 attention_backend: AttentionBackend = "torch") -> None:
         config = hf_model.config
         self.config = config
         self.device = device
+        self.attention_backend = attention_backend
         self.dtype = hf_model.dtype
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
@@ -139,6 +167,10 @@ class LlamaRunner:
         x = F.embedding(batch.input_ids, self.embed)
         cos, sin = self.rotary(x, batch.positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, D]
+        # The decode groups are the same in every layer: plan the kernels' launch once a step.
+        plan = None
+        if self.attention_backend == "triton" and batch.decode_groups:
+            plan = triton_attention.plan_decode(batch.decode_groups, h, kv, self.device)
         for i, layer in enumerate(self.layers):
             residual = x
             qkv = F.linear(_rms_norm(x, layer.input_norm, self.eps), layer.qkv, layer.qkv_bias)
@@ -151,7 +183,7 @@ class LlamaRunner:
             k = k * cos + _rotate_half(k) * sin
             self.k_pool[i].index_copy_(1, batch.out_slots, k.transpose(0, 1))
             self.v_pool[i].index_copy_(1, batch.out_slots, v.transpose(0, 1))
-            attn = self._attention(q, i, batch)
+            attn = self._attention(q, i, batch, plan)
             x = residual + F.linear(attn.reshape(num_tokens, h * d), layer.o_proj)
             gate, up = F.linear(_rms_norm(x, layer.post_norm, self.eps), layer.gate_up).chunk(2, -1)
             x = x + F.linear(F.silu(gate) * up, layer.down)
@@ -159,11 +191,17 @@ class LlamaRunner:
             x = x.index_select(0, batch.logit_rows)
         return F.linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head).float()
 
-    def _attention(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, layer: int, batch: ForwardBatch,
+                   plan: triton_attention.DecodePlan | None = None) -> torch.Tensor:
         k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]
         parts = []
         row = 0
-        for group in batch.decode_groups:
+        if plan is not None:
+            # Every decode group, plain or two-phase, in the plan's two launches; the decode
+            # rows come first in the batch, so they are q's first plan.num_rows rows.
+            parts.append(triton_attention.decode_attention_triton(
+                q[:plan.num_rows], k_pool, v_pool, plan, self.scale))
+        for group in batch.decode_groups if plan is None else ():
             rows = q[row:row + group.num_rows]
             row += group.num_rows
             if group.prefix_slots is None:
