@@ -34,7 +34,7 @@ class RadixNode:
         return self.last_access < other.last_access
 
 
-def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+def common_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -72,7 +72,7 @@ class RadixCache:
             child = node.children.get(tokens[pos])
             if child is None:
                 break
-            n = _common_len(child.key, tokens[pos:pos + len(child.key)])
+            n = common_len(child.key, tokens[pos:pos + len(child.key)])
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now
@@ -100,7 +100,7 @@ class RadixCache:
                 node.children[tokens[pos]] = new
                 self.total_size += len(new.key)
                 return pos
-            n = _common_len(child.key, tokens[pos:pos + len(child.key)])
+            n = common_len(child.key, tokens[pos:pos + len(child.key)])
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now

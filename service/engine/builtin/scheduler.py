@@ -18,6 +18,20 @@ that gets nothing is paused (keeps its KV). A latency request that cannot be
 admitted preempts throughput requests; a throughput request never preempts a
 latency one. Objective-blind (``None``): admission order, the newest preempted first.
 
+Shared prefill (``shared_prefill_min_tokens``): a waiting request that shares at least
+that many not-yet-cached tokens with a running request still prefilling them (its
+producer) stays waiting until they are cached, then reuses them instead of computing
+them a second time in parallel. Prefill progress is cached at every commit, so the
+held request is admitted the step after the producer's chunk covers the shared part:
+
+    producer   [==== shared 0..99 ====|-- own suffix --]   prefilling, chunk by chunk
+    held       [==== shared 0..99 ====|-- suffix --]       waits: 100 - cached >= min
+    next step  cache holds 0..99 → held matches them and feeds only its suffix
+
+A request is held only behind a producer of its own or a more urgent class (priority,
+then objective), which runs first every step, so it is never held behind paused work;
+a producer that finishes, aborts or is preempted stops holding anyone.
+
 Pins keep a prefix's cached KV locked; one not fully cached yet is re-matched
 whenever KV enters the cache.
 
@@ -32,7 +46,7 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from parrot.service.engine.builtin.radix_cache import RadixCache, RadixNode
+from parrot.service.engine.builtin.radix_cache import RadixCache, RadixNode, common_len
 from parrot.service.engine.builtin.request import Request
 from parrot.service.engine.builtin.slots import SlotAllocator
 
@@ -47,6 +61,11 @@ class SchedulerConfig:
     latency_step_tokens: int | None = 32
     # False: no KV is shared between requests: nothing is matched or cached.
     prefix_caching: bool = True
+    # A waiting request that shares at least this many uncached tokens with a request
+    # still prefilling them waits until they are cached (see the module doc). Below it,
+    # computing the overlap twice costs less than the step a request would wait.
+    # None: never hold a request back.
+    shared_prefill_min_tokens: int | None = 32
 
 
 @dataclass
@@ -79,6 +98,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.num_paused = 0  # request-steps a throughput request sat out for latency work
+        self.num_prefill_tokens = 0  # prompt (and resumed) tokens computed by prefill chunks
+        self.num_held = 0  # request-steps a request waited for a shared prefix to be cached
         self._pins: dict[str, _Pin] = {}
 
     @property
@@ -170,6 +191,9 @@ class Scheduler:
         for req in candidates:
             if used >= budget:
                 break
+            if self._waits_for_shared_prefix(req):
+                self.num_held += 1
+                continue  # uses no budget or slots: the requests after it may still join
             while len(self.running) >= self.config.max_running:
                 if not self._preempt_last(victims):
                     return used
@@ -186,6 +210,26 @@ class Scheduler:
             else:
                 batch.prefills.append((req, n))
         return used
+
+    def _waits_for_shared_prefix(self, req: Request) -> bool:
+        """True if a running request still prefills at least ``shared_prefill_min_tokens``
+        of ``req``'s prefix that is not cached yet (so ``req`` should reuse it, not compute it)."""
+        min_tokens = self.config.shared_prefill_min_tokens
+        if min_tokens is None or not self.config.prefix_caching:
+            return False
+        # The tokens ``req`` would feed; its last one always runs (see _match_cached_prefix).
+        prefix = req.token_ids[: len(req.token_ids) - 1]
+        rank = req.queue_key[:2]
+        shared = 0
+        for producer in self.running:
+            if len(producer.token_ids) - producer.num_computed <= 1 or producer.queue_key[:2] > rank:
+                continue  # decoding (its prompt is cached), or less urgent: may be paused
+            shared = max(shared, common_len(prefix, producer.token_ids))
+        if shared < min_tokens:
+            return False
+        # The producer's chunks committed so far are cached already; only the rest counts.
+        num_cached = len(self.cache.match_prefix(prefix[:shared])[0])
+        return shared - num_cached >= min_tokens
 
     def _match_cached_prefix(self, req: Request) -> None:
         if not self.config.prefix_caching:
@@ -248,6 +292,7 @@ class Scheduler:
             req.num_computed += 1
         for req, n in batch.prefills:
             req.num_computed += n
+            self.num_prefill_tokens += n
             self.cache_computed(req)
         if batch.prefills:
             self._refresh_pins()
