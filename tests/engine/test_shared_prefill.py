@@ -18,7 +18,10 @@ _arrivals = itertools.count(1)
 
 
 def make(num_slots: int = 1024, **config) -> Scheduler:
+    """A scheduler holding requests that share 32 uncached tokens or more (the tests' numbers
+    are chosen around that threshold, whatever the default is)."""
     alloc = SlotAllocator(num_slots)
+    config = {"shared_prefill_min_tokens": 32, **config}
     return Scheduler(SchedulerConfig(**config), alloc, RadixCache(alloc.free))
 
 

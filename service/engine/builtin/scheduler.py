@@ -65,7 +65,7 @@ class SchedulerConfig:
     # still prefilling them waits until they are cached (see the module doc). Below it,
     # computing the overlap twice costs less than the step a request would wait.
     # None: never hold a request back.
-    shared_prefill_min_tokens: int | None = 32
+    shared_prefill_min_tokens: int | None = 64
 
 
 @dataclass
