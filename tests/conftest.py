@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -103,3 +106,16 @@ async def run_request(engine, ids, sampling, request_id=None):
         text += out.text
         last = out
     return tokens, text, last
+
+
+def run_under_triton_interpreter(test_file: str, keyword: str) -> str:
+    """Run the tests of ``test_file`` selected by ``keyword`` in a child pytest with
+    ``TRITON_INTERPRET=1`` (Triton reads it once, at import, so the parent process cannot
+    switch); fail with the child's output unless it passed; return its summary line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", "-k", keyword,
+         test_file],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""

@@ -10,9 +10,6 @@ variable set (alone: ``TRITON_INTERPRET=1 pytest <this file>``).
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from parrot.service.engine.base import SamplingParams
 from parrot.service.engine.builtin.engine import BuiltinEngine, BuiltinEngineConfig
 from parrot.service.engine.builtin.model import resolve_attention_backend
 from parrot.service.kernels import triton_attention as ta
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, run_under_triton_interpreter
 from tests.conftest import run_request as run
 
 SYSTEM = "You are a helpful assistant. Answer briefly and precisely. " * 4
@@ -100,13 +97,7 @@ def test_interpreted_engine_in_a_child_process():
     pytest.importorskip("triton")
     if ta.interpret_mode():
         pytest.skip("this is the child process")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-         "-k", "interpreted and not child", __file__],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = run_under_triton_interpreter(__file__, "interpreted and not child")
     assert "skipped" not in summary and "1 passed" in summary, summary
 
 

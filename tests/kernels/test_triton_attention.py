@@ -24,6 +24,7 @@ from parrot.service.kernels.attention import (
     paged_decode_attention,
     shared_prefix_decode_attention,
 )
+from tests.conftest import run_under_triton_interpreter
 
 SCALE = 0.2
 
@@ -39,13 +40,7 @@ def test_interpreted_cases_in_a_child_process():
     pytest.importorskip("triton")
     if ta.interpret_mode():
         pytest.skip("this is the child process")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-         "-k", "(matches_torch or one_launch) and not cuda", __file__],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = run_under_triton_interpreter(__file__, "(matches_torch or one_launch) and not cuda")
     assert "skipped" not in summary and "passed" in summary, summary
 
 
