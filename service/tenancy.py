@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-import tomllib
 import weakref
 from collections import deque
 from collections.abc import Iterable
@@ -35,6 +34,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from parrot.service.config_files import first_error, read_toml
 from parrot.service.errors import RateLimitError
 
 DEFAULT_TENANT = "default"
@@ -233,12 +233,7 @@ class Tenants:
 
 def load_tenants(path: str | Path) -> dict[str, TenantConfig]:
     """Read a tenants TOML file (``[tenants.<name>]`` tables); errors are one line."""
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise TenantsFileError(f"cannot read the tenants file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TenantsFileError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "tenants file", TenantsFileError)
     unknown = sorted(set(data) - {"tenants"})
     if unknown:
         raise TenantsFileError(f"{path}: unknown table {unknown[0]!r}; expected [tenants.<name>]")
@@ -253,10 +248,8 @@ def load_tenants(path: str | Path) -> dict[str, TenantConfig]:
         try:
             cfg = TenantConfig.model_validate(table)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            what = ("unknown field" if err["type"] == "extra_forbidden"
-                    else str(err["msg"]).removeprefix("Value error, "))
+            field, message, err = first_error(exc)
+            what = "unknown field" if err["type"] == "extra_forbidden" else message
             raise TenantsFileError(f"{path}: tenants.{name}.{field}: {what}") from None
         if not cfg.keys:
             raise TenantsFileError(f"{path}: tenants.{name} has no keys")

@@ -23,7 +23,6 @@ this service that serves a model of the same name. Otherwise start-up stops and 
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +30,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from parrot.service.config_files import first_error, read_toml
 from parrot.service.engine.base import Engine
 from parrot.service.engine.tokenizer import ModelTokenizer
 
@@ -97,13 +97,7 @@ def parse_engine_spec(text: str) -> EngineSpec:
 
 
 def load_config(path: str | Path) -> ServiceConfig:
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise EngineSpecError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise EngineSpecError(f"{path} is not valid TOML: {exc}") from None
+    data = read_toml(path, "config file", EngineSpecError)
     try:
         return ServiceConfig.model_validate(data)
     except ValidationError as exc:
@@ -118,9 +112,7 @@ def _validated(data: dict[str, Any], where: str) -> EngineSpec:
 
 
 def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = str(err["msg"]).removeprefix("Value error, ")
+    loc, msg, err = first_error(exc)
     if err["type"] == "literal_error" and loc.endswith("kind"):
         msg = f"unknown engine kind {err['input']!r}; use sglang or openai"
     return f"{loc}: {msg}" if loc else msg
