@@ -6,6 +6,10 @@ previous step's output variable) and only the last summary is fetched, with P.LA
 so no step waits for a client round trip. Request-centric: the client sends the steps
 one by one, pasting each returned summary into the next prompt.
 
+Besides the end-to-end times it prints, for Parrot, the mean time from a step's input being
+set to the step's first token (dependent TTFT), with and without prefill ahead (the service
+computing a waiting step's known prompt start while the step before it generates).
+
     python -m benchmarks.chain_summary            # 6 chunks x 32 tokens
     python -m benchmarks.chain_summary --quick
 """
@@ -13,16 +17,25 @@ one by one, pasting each returned summary into the next prompt.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
+import time
 
 import parrot as P
 from benchmarks.harness import (
+    THROUGHPUT_TUNED,
     Completions,
+    Measured,
     Row,
     benchmark_main,
     compare_three_ways,
     print_table,
     text_chunk,
+    ttft_ms,
 )
+
+TTFT_COLUMN = "dependent TTFT ms"
+NO_PREFILL_AHEAD = ("parrot, no prefill ahead", dataclasses.replace(THROUGHPUT_TUNED, prefill_ahead=False))
 
 # Prompts the model continues as text: asked for an answer, this small instruct model first emits its
 # end-of-turn token, which the returned text drops but Parrot's summary variable keeps (its token ids).
@@ -43,13 +56,29 @@ def _function(text: str, name: str, inputs: list[str], step_tokens: int) -> P.Se
 
 
 async def parrot_job(url: str, chunks: list[str], step_tokens: int) -> str:
+    return (await _parrot_run(url, chunks, step_tokens))[0]
+
+
+async def measured_parrot_job(url: str, chunks: list[str], step_tokens: int) -> Measured:
+    """``parrot_job``'s end-to-end time, and its steps' mean dependent TTFT."""
+    _, seconds, ttfts = await _parrot_run(url, chunks, step_tokens)
+    return Measured(seconds, {TTFT_COLUMN: statistics.mean(ttfts)} if ttfts else {})
+
+
+async def _parrot_run(url: str, chunks: list[str], step_tokens: int) -> tuple[str, float, list[float]]:
+    """The final summary, the seconds until it was in hand, and each later step's TTFT (ms)."""
     first = _function(FIRST, "summarize_first", ["chunk"], step_tokens)
     step = _function(NEXT, "summarize_next", ["previous", "chunk"], step_tokens)
-    async with P.Parrot(url):
+    async with P.Parrot(url) as vm:
+        started = time.perf_counter()
         summary = first(chunks[0])
         for chunk in chunks[1:]:
             summary = step(summary, chunk)
-        return await summary.aget(perf=P.LATENCY)
+        value = await summary.aget(perf=P.LATENCY)
+        seconds = time.perf_counter() - started
+        graph = await vm.agraph()
+    ttfts = [ttft_ms(c) for c in graph.calls if c.name == "summarize_next"]
+    return value, seconds, [t for t in ttfts if t is not None]
 
 
 async def request_centric_job(llm: Completions, chunks: list[str], step_tokens: int) -> str:
@@ -65,8 +94,9 @@ def chunks_for(n: int, sentences: int) -> list[str]:
 
 def measure(args) -> list[Row]:
     chunks = chunks_for(args.chunks, args.sentences)
-    return compare_three_ways(lambda url: parrot_job(url, chunks, args.step_tokens),
-                              lambda llm: request_centric_job(llm, chunks, args.step_tokens))
+    return compare_three_ways(lambda url: measured_parrot_job(url, chunks, args.step_tokens),
+                              lambda llm: request_centric_job(llm, chunks, args.step_tokens),
+                              parrot_variants=[NO_PREFILL_AHEAD])
 
 
 def parse_args(argv=None):
@@ -83,7 +113,8 @@ def parse_args(argv=None):
 
 def report(rows: list[Row], args) -> None:
     print_table(f"chain summary: {args.chunks} sequential steps x {args.step_tokens} tokens "
-                f"({args.sentences} sentences per chunk)", rows, "parrot")
+                f"({args.sentences} sentences per chunk)", rows, "parrot", extra_columns=[TTFT_COLUMN],
+                note=f"{TTFT_COLUMN}: from a step's input being set to its first token (Parrot only)")
 
 
 main = benchmark_main(parse_args, measure, report)

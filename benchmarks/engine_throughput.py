@@ -269,9 +269,11 @@ def instrument(engine) -> StepStats:
 
 def runner_weight_bytes(runner) -> int:
     """Bytes of weights one step reads: every layer's tensors, the final norm and lm_head."""
-    total = runner.lm_head.nbytes + runner.final_norm.nbytes
-    for layer in runner.layers:
-        total += sum(t.nbytes for t in vars(layer).values() if isinstance(t, torch.Tensor))
+    from parrot.service.engine.builtin.quant import weight_nbytes
+
+    total = weight_nbytes(runner.lm_head) + runner.final_norm.nbytes
+    for layer in runner.layers:  # packed 4-bit matrices count their codes, scales and zeros
+        total += sum(weight_nbytes(t) for t in vars(layer).values() if t is not None)
     return total
 
 
@@ -286,10 +288,10 @@ async def _consume(engine, request: GenerateRequest, t_submit: float) -> tuple[f
     return ttft if ttft is not None else float("nan"), tokens
 
 
-async def _builtin(wl: Workload, dtype: str) -> tuple[Result, StepStats]:
+async def _builtin(wl: Workload, dtype: str, quantization: str) -> tuple[Result, StepStats]:
     from parrot.service.engine.builtin.engine import BuiltinEngine, BuiltinEngineConfig
 
-    engine = BuiltinEngine(BuiltinEngineConfig(kv_cache_gib=3.0, dtype=dtype))
+    engine = BuiltinEngine(BuiltinEngineConfig(kv_cache_gib=3.0, dtype=dtype, quantization=quantization))
     await engine.start()
     try:
         warm = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
@@ -313,7 +315,7 @@ async def _builtin(wl: Workload, dtype: str) -> tuple[Result, StepStats]:
 
 
 def run_builtin(wl: Workload, args) -> tuple[Result, StepStats]:
-    return asyncio.run(_builtin(wl, args.dtype))
+    return asyncio.run(_builtin(wl, args.dtype, args.quantization))
 
 
 # ---- transformers helpers ----------------------------------------------------------
@@ -624,6 +626,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-requests", type=int, help="default 32 (8 with --quick)")
     parser.add_argument("--new-tokens", type=int, help="default 64 (16 with --quick)")
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--quantization", default="none",
+                        help="the builtin engine's weights: none (exact), auto or gguf (the GGUF's "
+                             "4-bit blocks), int4wo, int8wo")
     parser.add_argument("--hf-cb-max-requests", type=int, default=8,
                         help="hf-cb: max requests per batch (0: all, transformers' default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 requests x 16 tokens")

@@ -46,6 +46,7 @@ class EngineSetup:
     latency_step_tokens: int = 0  # 0: objective-blind batching
     prefix_caching: bool = True
     threads: int | None = None
+    prefill_ahead: bool = True  # the service prefills waiting calls' known prompt starts (serve only)
 
     def flags(self) -> list[str]:
         out = ["--max-running", str(self.max_running), "--latency-step-tokens", str(self.latency_step_tokens),
@@ -71,6 +72,8 @@ def running_service(setup: EngineSetup, engine_processes: int = 0) -> Iterator[s
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "parrot.service"]
     serve = [*cmd, "serve", "--port", str(port), "--log-level", "warning", *setup.flags()]
+    if not setup.prefill_ahead:
+        serve += ["--prefill-ahead-min-tokens", "0"]
     if engine_processes:
         serve.append("--no-local-engine")
     procs = [subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
@@ -147,6 +150,24 @@ class Row:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Measured:
+    """What a Parrot-way job may return instead of its result: its own end-to-end time, from its
+    session being open to the answer in hand (as the request-centric way is timed from its client
+    being open, not counting what the job reads back afterwards), and extra table columns."""
+
+    seconds: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def ttft_ms(call: Any) -> float | None:
+    """A call's time to first token from the moment its inputs were all set (``CallInfo``), in ms."""
+    timings = call.timings
+    if timings.started is None or timings.first_token is None:
+        return None
+    return (timings.first_token - timings.started) * 1000
+
+
 def print_table(title: str, rows: list[Row], reference: str, extra_columns: Sequence[str] = (),
                 note: str = "") -> None:
     """One row per system; the last column is the row's end-to-end time over ``reference``'s,
@@ -177,23 +198,32 @@ def run(coro: Awaitable[Any]) -> Any:
 
 
 def compare_three_ways(parrot_way: Callable[[str], Awaitable[Any]],
-                       request_centric_way: Callable[[Completions], Awaitable[Any]]) -> list[Row]:
+                       request_centric_way: Callable[[Completions], Awaitable[Any]],
+                       parrot_variants: Sequence[tuple[str, EngineSetup]] = ()) -> list[Row]:
     """End-to-end time of one app run Parrot's way (given the service URL) and the request-centric
-    way (given its client), throughput- and latency-tuned, each on a fresh service."""
+    way (given its client), throughput- and latency-tuned, each on a fresh service.
+    ``parrot_variants``: more Parrot rows, each on a service set up its own way (an ablation).
+    A Parrot-way job that returns ``Measured`` gives its own time and extra columns."""
 
-    async def parrot(url: str) -> float:
-        return (await timed(parrot_way(url)))[0]
+    async def parrot(url: str) -> Row:
+        seconds, result = await timed(parrot_way(url))
+        if isinstance(result, Measured):
+            return Row("", result.seconds, result.extra)
+        return Row("", seconds)
 
-    async def request_centric(url: str) -> float:
+    async def request_centric(url: str) -> Row:
         async with Completions(url) as llm:
-            return (await timed(request_centric_way(llm)))[0]
+            return Row("", (await timed(request_centric_way(llm)))[0])
 
     rows = []
     for system, setup, fn in (("parrot", THROUGHPUT_TUNED, parrot),
+                              *((name, variant, parrot) for name, variant in parrot_variants),
                               ("throughput-tuned", THROUGHPUT_TUNED, request_centric),
                               ("latency-tuned", LATENCY_TUNED, request_centric)):
         with running_service(setup) as url:
-            rows.append(Row(system, run(fn(url))))
+            row = run(fn(url))
+            row.system = system
+            rows.append(row)
     return rows
 
 

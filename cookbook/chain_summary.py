@@ -5,6 +5,7 @@ are issued at once; the service runs the chain without a client round trip betwe
 steps, and only the final summary is fetched with the LATENCY criterion (which
 flows back to every step of the chain).
 
+    pip install -e .                                 # what it imports (embedded: serve too)
     python cookbook/chain_summary.py                 # embedded service, default model
     python cookbook/chain_summary.py --url http://127.0.0.1:8000
 """

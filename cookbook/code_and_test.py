@@ -4,6 +4,7 @@ Both calls are issued at once and return futures. The service sees the dependenc
 and starts the test call the moment the code is generated, with no client round
 trip in between; the code enters the test prompt as the tokens the model generated.
 
+    pip install -e .                                 # what it imports (embedded: serve too)
     python cookbook/code_and_test.py                 # embedded service, default model
     python cookbook/code_and_test.py --url http://127.0.0.1:8000
 """

@@ -8,6 +8,7 @@ as one graph), and with ``ChatParrot`` through ``compile(chain)``, which also se
 reduce call as soon as their replies are read. Decoding is greedy, so every run should
 write the same text.
 
+    pip install -e ".[client]"                         # what it imports (embedded: serve too)
     python cookbook/langchain_map_reduce.py            # embedded service, default model
     python cookbook/langchain_map_reduce.py --url http://127.0.0.1:8000
 """

@@ -9,6 +9,7 @@ and ``ChatParrot``, whose ``batch`` sends every turn to the service as one graph
 service's prefix cache computes the shared system prompt once either way; the table
 shows how many prompt tokens each run read from it.
 
+    pip install -e ".[client]"                                 # what it imports (embedded: serve too)
     python cookbook/langchain_shared_prompt_chat.py            # embedded service, default model
     python cookbook/langchain_shared_prompt_chat.py --url http://127.0.0.1:8000 --users 4
 """

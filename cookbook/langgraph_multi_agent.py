@@ -8,6 +8,7 @@ twice on the same model: with ``ChatOpenAI`` on the service's OpenAI routes (Lan
 threads send one request per agent) and with ``ChatParrot``, whose calls of one step
 (the specialists of a round) reach the service as one graph in one session.
 
+    pip install -e ".[client]"                          # what it imports (and serve, to run embedded)
     python cookbook/langgraph_multi_agent.py            # embedded service, default model
     python cookbook/langgraph_multi_agent.py --url http://127.0.0.1:8000 --rounds 1
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import operator
+import re
 import time
 from collections.abc import Mapping
 from typing import Annotated, Any, TypedDict
@@ -45,6 +47,17 @@ The roles:
 
 TASK = "Plan a feature that lets a user share a notebook with other people through a link."
 SPECIALISTS = ["Engineer", "Designer", "Security reviewer", "Support lead"]
+ROLES = ["Planner", *SPECIALISTS, "Writer"]
+# Labels a reply may start with: "Writer:", "**Engineer:**", "Engineer: Engineer:" ...
+_ROLE_NAMES = "|".join(map(re.escape, ROLES))
+_LABELS = re.compile(rf"^(?:[\s*_]*(?:{_ROLE_NAMES})[\s*_]*:[\s*_]*)+", re.IGNORECASE)
+
+
+def unlabeled(reply: str) -> str:
+    """A reply without the role labels it starts with. The conversation labels every message
+    itself ("Engineer: ..."), and models imitate that, so a reply kept with its own label would be
+    shown as "Engineer: Engineer: ...", and the labels would pile up round after round."""
+    return _LABELS.sub("", reply.strip(), count=1).strip()
 
 
 class Advice(TypedDict):
@@ -80,7 +93,7 @@ def build_graph(llm: BaseChatModel) -> Any:
 
     def ask(state: Mapping[str, Any], request: str) -> str:
         reply = llm.invoke([*conversation(state), ("user", request)])
-        return str(reply.content).strip()
+        return unlabeled(str(reply.content))
 
     def planner(state: Meeting) -> dict:
         return {"plan": ask(state, "Planner, write the plan for the first release."), "round": 0}

@@ -5,6 +5,7 @@ feed one reduce call, so it schedules them as one task group. The reduce templat
 has one input per chunk, so it is made at run time with
 ``P.SemanticFunction.from_template``. Only the final answer is fetched.
 
+    pip install -e .                                 # what it imports (embedded: serve too)
     python cookbook/map_reduce_summary.py            # embedded service, default model
     python cookbook/map_reduce_summary.py --url http://127.0.0.1:8000
 """

@@ -7,6 +7,7 @@ cache serves that prefix instead of recomputing it. All turns are issued at once
 each reads the replies before it, so the service runs them back to back with no
 client round trip. The table at the end shows how much of each prompt was cached.
 
+    pip install -e .                                 # what it imports (embedded: serve too)
     python cookbook/multi_agent.py                   # embedded service, default model
     python cookbook/multi_agent.py --url http://127.0.0.1:8000 --rounds 3
 """

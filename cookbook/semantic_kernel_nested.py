@@ -10,6 +10,7 @@ service's OpenAI routes, and, one line changed, with ``ParrotChatCompletion`` an
 graph, the six summaries run in parallel, and the assessment starts the moment they are
 done. Decoding is greedy, so both runs should write the same text.
 
+    pip install -e ".[client,semantic-kernel]"           # what it imports (embedded: serve too)
     python cookbook/semantic_kernel_nested.py            # embedded service, default model
     python cookbook/semantic_kernel_nested.py --url http://127.0.0.1:8000
 """

@@ -92,7 +92,10 @@ def _start_server(model: str | None) -> _EmbeddedServer:
         raise ParrotError("embedded mode needs the service's dependencies: "
                           f"pip install 'parrot-serve[serve]' ({exc})") from exc
 
-    engine = BuiltinEngine(BuiltinEngineConfig(model=model))
+    from parrot.service.engine.builtin.loader import quiet_transformers
+
+    with quiet_transformers():  # no per-file progress bars in the app's output
+        engine = BuiltinEngine(BuiltinEngineConfig(model=model))
     app = create_app(engine)
     # Bind first, so the port is ours before uvicorn starts (no race for a "free" port).
     # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on connections whose socket

@@ -41,3 +41,9 @@ MAX_PROMPTS_PER_REQUEST: Final = 256
 
 # A request body, in bytes: larger is a 413 before it is read further.
 MAX_BODY_BYTES: Final = 8 * 2**20
+
+# Sampling extras: alternatives reported per token (as vLLM's default max_logprobs), tokens in
+# one logit_bias map, and choices (``n``) per prompt in one OpenAI request.
+MAX_LOGPROBS: Final = 20
+MAX_LOGIT_BIAS: Final = 1024
+MAX_CHOICES: Final = 128

@@ -87,6 +87,35 @@ class SamplingConfig(_Strict):
     # for any JSON object); the output ends when the JSON is complete.
     json_schema: dict[str, Any] | None = None
 
+    # OpenAI's penalties over the output's tokens (presence: once a token occurs; frequency:
+    # per occurrence), vLLM's repetition penalty over prompt and output (1 is off), a bias added
+    # to given tokens' logits (token id -> -100..100), and the fewest tokens before EOS or a
+    # stop string may end the output.
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
+    logit_bias: dict[int, float] = Field(default_factory=dict, max_length=limits.MAX_LOGIT_BIAS)
+    min_tokens: int = Field(0, ge=0)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[int, float]) -> dict[int, float]:
+        for token, bias in v.items():
+            if token < 0 or not -100.0 <= bias <= 100.0:  # also refuses NaN
+                raise ValueError(f"logit_bias maps token ids (>= 0) to values in [-100, 100] "
+                                 f"(got {token}: {bias})")
+        return v
+
+    @model_validator(mode="after")
+    def _min_within_max(self):
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        return self
+
+    @property
+    def logit_bias_ids(self) -> dict[int, float]:
+        return dict(self.logit_bias)
+
 class TextSegment(_Strict):
     type: Literal["text"] = "text"
     text: str = Field(max_length=limits.MAX_VALUE_CHARS)
@@ -238,7 +267,8 @@ class VariableInfo(BaseModel):
 
 class CallTimings(BaseModel):
     created: float
-    started: float | None = None
+    started: float | None = None  # its inputs were all set
+    first_token: float | None = None  # its first output token arrived
     finished: float | None = None
 
 

@@ -60,10 +60,16 @@ class Output:
     def __init__(self, sampling: SamplingConfig | None = None, /, *, max_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  seed: int | None = None, stop: str | list[str] | None = None,
-                 ignore_eos: bool | None = None, json_schema: dict[str, Any] | None = None) -> None:
+                 ignore_eos: bool | None = None, json_schema: dict[str, Any] | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 repetition_penalty: float | None = None, logit_bias: dict[int, float] | None = None,
+                 min_tokens: int | None = None) -> None:
         fields = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                   "seed": seed, "stop": [stop] if isinstance(stop, str) else stop,
-                  "ignore_eos": ignore_eos, "json_schema": json_schema}
+                  "ignore_eos": ignore_eos, "json_schema": json_schema,
+                  "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+                  "repetition_penalty": repetition_penalty, "logit_bias": logit_bias,
+                  "min_tokens": min_tokens}
         given = {k: v for k, v in fields.items() if v is not None}
         if sampling is not None:
             if not isinstance(sampling, SamplingConfig):

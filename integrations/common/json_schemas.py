@@ -16,58 +16,22 @@ A tool's parameters sit inside the reply's schema, so local references (``$ref``
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
+from parrot.tool_calls import call_schema
+
 ANSWER_KEY = "answer"
 # Keys that make a mapping a JSON schema rather than an OpenAI wrapper around one.
 _SCHEMA_KEYS = ("type", "properties", "anyOf", "oneOf", "allOf", "$ref", "enum", "const", "items")
-_DEF_KEYS = ("$defs", "definitions")
 _JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
-
-
-def inline_refs(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """``schema`` with each local ``$ref`` replaced by the definition it names, and the
-    definitions dropped. A recursive definition cannot be inlined: ``ValueError``."""
-    definitions: dict[str, Any] = {}
-    for key in _DEF_KEYS:
-        for name, definition in (schema.get(key) or {}).items():
-            definitions[f"#/{key}/{name}"] = definition
-
-    def resolve(node: Any, seen: tuple[str, ...]) -> Any:
-        if isinstance(node, Mapping):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref in definitions:
-                if ref in seen:
-                    raise ValueError(f"the schema refers to {ref} recursively; it cannot be inlined")
-                target = resolve(definitions[ref], (*seen, ref))
-                rest = {k: resolve(v, seen) for k, v in node.items() if k != "$ref"}
-                return {**target, **rest}
-            return {k: resolve(v, seen) for k, v in node.items() if k not in _DEF_KEYS}
-        if isinstance(node, list):
-            return [resolve(item, seen) for item in node]
-        return copy.deepcopy(node)
-
-    return resolve(schema, ())
-
-
-def object_parameters(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A tool's parameters as a closed object schema: a tool takes the arguments it declares."""
-    schema = inline_refs(parameters or {})
-    schema.setdefault("type", "object")
-    schema.setdefault("properties", {})
-    schema.setdefault("additionalProperties", False)
-    return schema
 
 
 def tool_call_schema(name: str, parameters: Mapping[str, Any] | None) -> dict[str, Any]:
     """A call of the tool ``name``: ``{"name": name, "arguments": {...}}``."""
-    return {"type": "object",
-            "properties": {"name": {"const": name}, "arguments": object_parameters(parameters)},
-            "required": ["name", "arguments"], "additionalProperties": False}
+    return call_schema(name, parameters)
 
 
 def answer_schema() -> dict[str, Any]:

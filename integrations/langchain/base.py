@@ -11,10 +11,12 @@ from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any
 
+import httpx
 from langchain_core.utils import from_env, secret_from_env
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
 
 import parrot as P
+from parrot.errors import ParrotError
 from parrot.integrations.common.sessions import ServiceSessions
 from parrot.schemas import SamplingConfig
 
@@ -101,6 +103,30 @@ class ParrotModelFields(BaseModel):
                 retries: int | None = None) -> AbstractContextManager[tuple[P.Parrot, str]]:
         """An open Parrot session and the name of the model its calls run on."""
         return self._sessions().session(model, retries=retries)
+
+    def tokenize(self, body: dict[str, Any]) -> list[int]:
+        """The service's ``POST /tokenize`` of ``body`` (a prompt or chat messages): the token ids
+        its model sees, counted by the model's own tokenizer and chat template."""
+        url = self.base_url
+        if url is None:
+            from parrot.embedded import embedded_url  # the one lazy start of the embedded service
+
+            url = embedded_url(self.model)
+        headers = {"Authorization": f"Bearer {self.api_key.get_secret_value()}"} if self.api_key else {}
+        if self.model is not None and self.base_url is not None:
+            body = {"model": self.model, **body}
+        try:
+            resp = httpx.post(f"{url.rstrip('/')}/tokenize", json=body, headers=headers,
+                              timeout=self.timeout or 60.0)
+        except httpx.HTTPError as exc:
+            raise ParrotError(f"cannot reach the Parrot service at {url}: {exc!r}") from exc
+        if resp.status_code != 200:
+            try:
+                message = resp.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = resp.text
+            raise ParrotError(f"the Parrot service could not tokenize ({resp.status_code}): {message}")
+        return list(resp.json()["tokens"])
 
     def asession(self, model: str | None = None, *,
                  retries: int | None = None) -> AbstractAsyncContextManager[tuple[P.Parrot, str]]:

@@ -338,6 +338,25 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
                 continue
         return requests
 
+    # -- token counts ------------------------------------------------------------------------
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in the served model's tokenizer (through the service)."""
+        return self.tokenize({"prompt": text, "add_special_tokens": False})
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage],
+                                     tools: Sequence[Any] | None = None) -> int:
+        """The prompt tokens a call with ``messages`` (and ``tools``) costs: the chat rendered as
+        an invocation renders it, tool instructions included, counted by the service."""
+        request = self.chat_request(messages, None, {"tools": tools} if tools else {})
+        chat = []
+        for message in request.messages:
+            entry = {"role": message["role"], "content": "".join(message["content"])}
+            if message.get("name"):
+                entry["name"] = message["name"]
+            chat.append(entry)
+        return len(self.tokenize({"messages": chat}))
+
     # -- tools and structured output --------------------------------------------------------
 
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,

@@ -33,6 +33,8 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.json import parse_partial_json
 from langchain_core.utils.json_schema import dereference_refs
 
+from parrot.tool_calls import call_schema
+
 ANSWER_KEY = "answer"
 FORCED_CHOICES = ("any", "required")
 _SCHEMA_KEYS = ("type", "properties", "anyOf", "oneOf", "allOf", "$ref", "enum", "const", "items")
@@ -199,8 +201,8 @@ def _spec(function: Mapping[str, Any]) -> ToolSpec:
 
 
 def _call_schema(spec: ToolSpec) -> dict[str, Any]:
-    return {"type": "object", "properties": {"name": {"const": spec.name}, "arguments": spec.parameters},
-            "required": ["name", "arguments"], "additionalProperties": False}
+    # The same call shape the service's OpenAI routes constrain tool calls to.
+    return call_schema(spec.name, spec.parameters)
 
 
 def _partial(text: str) -> dict[str, Any]:

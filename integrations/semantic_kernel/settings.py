@@ -35,12 +35,12 @@ from semantic_kernel.exceptions import ServiceInvalidExecutionSettingsError
 from parrot.integrations.common.json_schemas import (
     ANSWER_KEY,
     answer_schema,
-    object_parameters,
     one_of,
     response_format_schema,
     tool_call_schema,
 )
 from parrot.schemas import SamplingConfig
+from parrot.tool_calls import object_parameters
 
 ToolChoice = Literal["auto", "required", "none"]
 SET_BY_CONNECTOR = "Do not set this: the connector sets it from the function choice behavior."

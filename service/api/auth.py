@@ -17,6 +17,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from parrot.service.errors import AuthenticationError, PermissionDeniedError
+from parrot.service.observe import ids
 from parrot.service.tenancy import Tenant, Tenants
 
 
@@ -47,6 +48,7 @@ async def require_tenant(request: Request) -> Tenant:
                                       "or x-api-key)" if key is None else "invalid API key")
         tenant = found
     request.state.tenant = tenant
+    ids.tenant_id.set(tenant.name)  # on every log line and metric of this request
     return tenant
 
 

@@ -28,12 +28,13 @@ from parrot.service.engine.base import (
     EngineUnavailableError,
     GenerateOutput,
     GenerateRequest,
+    InvalidRequestError,
     Objective,
     SamplingParams,
 )
 from parrot.service.engine.tokenizer import ModelTokenizer
 from parrot.service.errors import ServiceUnavailableError
-from parrot.service.metrics import ServiceMetrics
+from parrot.service.observe.observer import Observer, RequestRecord
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,11 @@ class DispatchRequest:
 
 class Dispatcher:
     def __init__(self, registry: EngineRegistry, scheduler: GlobalScheduler, *,
-                 metrics: ServiceMetrics | None = None,
+                 observer: Observer | None = None,
                  engine_wait_s: float = DEFAULT_ENGINE_WAIT_S) -> None:
         self.registry = registry
         self.scheduler = scheduler
-        self.metrics = metrics
+        self.observer = observer  # metrics, logs, traces and the dashboard's record
         self.engine_wait_s = engine_wait_s  # how long a request waits for an engine to take it
         self._ids = itertools.count()
         self._prefills: dict[tuple[str, tuple[int, ...]], asyncio.Future[None]] = {}
@@ -97,12 +98,27 @@ class Dispatcher:
         if request.request_id is None:
             request.request_id = f"req-{next(self._ids)}"
         dispatch = Dispatch(self, request)
-        await dispatch.place(request.engine)
+        try:
+            await dispatch.place(request.engine)
+        except BaseException as exc:
+            self.record_failed(dispatch, exc)
+            raise
         return dispatch
 
-    async def prefill(self, handle: EngineHandle, token_ids: list[int]) -> None:
-        """Have ``handle`` compute ``token_ids``' KV once, before the calls that share it fan
-        out; concurrent askers for the same prefix wait for the one prefill."""
+    def engine_for(self, prompt: list[int], objective: Objective, group: str | None = None,
+                   model: str | None = None) -> EngineHandle | None:
+        """The engine a request for ``prompt`` would be placed on now (None when no engine takes
+        work), without placing anything: where to prefill ahead for a call still waiting."""
+        candidates = self.registry.engines(model or self.registry.default_model)
+        if not candidates:
+            return None
+        return self.scheduler.place(candidates, prompt, objective, group, record=False)
+
+    async def prefill(self, handle: EngineHandle, token_ids: list[int], priority: int = 0) -> None:
+        """Have ``handle`` compute ``token_ids``' KV once (a task group's shared start before it
+        fans out, a waiting call's known start), ranked as throughput work of ``priority``;
+        concurrent askers for the same prefix wait for the one prefill, and a prefix already
+        sent there whole is not prefilled again."""
         if not handle.engine.supports_prefix_control or not token_ids:
             return
         key = (handle.id, tuple(token_ids))
@@ -110,24 +126,51 @@ class Dispatcher:
         if pending is None:
             if self.scheduler.affinity(handle, token_ids) >= len(token_ids):
                 return  # already sent there whole, so cached (or being computed) already
-            pending = asyncio.ensure_future(handle.engine.prefill(list(token_ids)))
+            pending = asyncio.ensure_future(handle.engine.prefill(list(token_ids), priority))
             self._prefills[key] = pending
-            pending.add_done_callback(lambda _: self.scheduler.sent(handle, token_ids))
-        with contextlib.suppress(Exception):  # a prefill is a hint: the calls run without it
+
+            def done(future: asyncio.Future[None]) -> None:
+                if self._prefills.get(key) is future:
+                    del self._prefills[key]
+                if not future.cancelled() and future.exception() is None:
+                    self.scheduler.sent(handle, token_ids)  # cached there now: never again
+
+            pending.add_done_callback(done)
+        try:
             await asyncio.shield(pending)
-        self._prefills.pop(key, None)
+        except asyncio.CancelledError:
+            if not pending.cancelled():  # this waiter was cancelled, not the prefill
+                raise
+        except Exception:  # noqa: BLE001 -- a prefill is a hint: the calls run without it
+            pass
+
+    def cancel_prefill(self, handle: EngineHandle, token_ids: list[int]) -> None:
+        """Stop a prefill under way (what it computed so far stays cached); its waiters go on."""
+        pending = self._prefills.get((handle.id, tuple(token_ids)))
+        if pending is not None:
+            pending.cancel()
 
     def _forget_prefills(self, handle: EngineHandle) -> None:
         for key in [k for k in self._prefills if k[0] == handle.id]:
             del self._prefills[key]
 
-    def record_finished(self, endpoint: str, out: GenerateOutput) -> None:
-        if self.metrics is not None:
-            self.metrics.record_finished(endpoint, out)
+    def record_finished(self, dispatch: Dispatch, out: GenerateOutput) -> None:
+        if self.observer is not None and dispatch.record is not None:
+            self.observer.request_finished(dispatch.record, out, dispatch.handle,
+                                           dispatch.request.prompt_token_ids)
 
-    def record_aborted(self, endpoint: str) -> None:
-        if self.metrics is not None:
-            self.metrics.record_aborted(endpoint, 1)
+    def record_aborted(self, dispatch: Dispatch) -> None:
+        if self.observer is not None and dispatch.record is not None:
+            self.observer.request_aborted(dispatch.record)
+
+    def record_failed(self, dispatch: Dispatch, exc: BaseException) -> None:
+        """A request refused or failed by an exception (not an engine's error output)."""
+        if self.observer is not None and dispatch.record is not None:
+            if isinstance(exc, asyncio.CancelledError):
+                self.observer.request_aborted(dispatch.record)
+            else:
+                outcome = "rejected" if isinstance(exc, InvalidRequestError) else "error"
+                self.observer.request_failed(dispatch.record, f"{type(exc).__name__}: {exc}", outcome)
 
 
 class Dispatch:
@@ -143,6 +186,8 @@ class Dispatch:
         self._counted = False  # in the scheduler's in-flight count of ``handle``
         self._attempt = 0
         self._stream: AsyncIterator[GenerateOutput] | None = None
+        observer = dispatcher.observer
+        self.record: RequestRecord | None = observer.request_opened(request) if observer else None
 
     @property
     def tokenizer(self) -> ModelTokenizer:
@@ -167,6 +212,8 @@ class Dispatch:
             except BaseException:  # cancelled (its session went) or failed: it never started, and
                 self._end_count(self.handle)  # whoever placed it gets no Dispatch to close
                 raise
+        if d.observer is not None and self.record is not None:
+            d.observer.request_placed(self.record, self.handle)  # after any shared-prefix prefill
 
     async def set_priority(self, priority: int, objective: Objective) -> None:
         """A fetch raised this request's importance: re-count and re-rank it where it runs."""
@@ -186,8 +233,9 @@ class Dispatch:
         try:
             async for out in self._run():
                 yield out
-        except Exception:
+        except Exception as exc:
             self.finished = True  # rejected or failed: the face reports it, it was not aborted
+            self._dispatcher.record_failed(self, exc)
             raise
 
     async def aclose(self) -> None:
@@ -200,7 +248,7 @@ class Dispatch:
             self._end_count(self.handle)  # placed, never started
         if not self.finished:
             self.finished = True
-            self._dispatcher.record_aborted(self.request.endpoint)
+            self._dispatcher.record_aborted(self)
 
     async def _run(self) -> AsyncIterator[GenerateOutput]:
         d, req = self._dispatcher, self.request
@@ -243,6 +291,8 @@ class Dispatch:
                                       num_prompt_tokens=first.num_prompt_tokens,
                                       num_cached_tokens=first.num_cached_tokens,
                                       num_output_tokens=done_before + out.num_output_tokens)
+                        if d.observer is not None and self.record is not None:
+                            d.observer.request_output(self.record, out)
                         if out.finished:
                             if not out.error:
                                 d.scheduler.sent(handle, req.prompt_token_ids + ids)  # cached there too
@@ -274,12 +324,13 @@ class Dispatch:
 
     def _finish(self, out: GenerateOutput) -> GenerateOutput:
         self.finished = True
-        self._dispatcher.record_finished(self.request.endpoint, out)
+        self._dispatcher.record_finished(self, out)
         return out
 
 
 def replace_sampling(sampling: SamplingParams, max_new_tokens: int, resumed: int) -> SamplingParams:
     if not resumed:
         return sampling
-    return sampling.model_copy(update={"max_new_tokens": max_new_tokens,
+    # The prompt's logprobs went out with the first engine's first output.
+    return sampling.model_copy(update={"max_new_tokens": max_new_tokens, "prompt_logprobs": None,
                                        "resumed_output_len": sampling.resumed_output_len + resumed})

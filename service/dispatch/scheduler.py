@@ -56,7 +56,8 @@ class GlobalScheduler:
 
     # ---- decisions ---------------------------------------------------------------------
     def place(self, candidates: Sequence[EngineHandle], tokens: Sequence[int], objective: str,
-              group: str | None = None) -> EngineHandle:
+              group: str | None = None, *, record: bool = True) -> EngineHandle:
+        """The engine for a request; ``record=False`` only asks (a group keeps no engine)."""
         if not candidates:
             raise ValueError("no engine to place on")
         by_id = {h.id: h for h in candidates}
@@ -74,7 +75,7 @@ class GlobalScheduler:
             return (-matched if matched >= self.min_affinity_tokens else 0, self._stats(h).total)
 
         chosen = min(eligible, key=key)
-        if group is not None:
+        if group is not None and record:
             self._groups[group] = chosen.id
         return chosen
 

@@ -55,8 +55,26 @@ class SamplingParams(BaseModel):
     # constrain reject it.
     json_schema: dict[str, Any] | None = None
     # The last this-many prompt tokens are this output's own earlier tokens (a generation
-    # resumed on another engine): a json_schema constraint continues after them.
+    # resumed on another engine): a json_schema constraint continues after them, and the
+    # penalties and ``min_tokens`` count them as output.
     resumed_output_len: int = Field(0, ge=0)
+    # OpenAI's penalties, over the output's tokens: subtract ``presence_penalty`` from the logit
+    # of every token already generated, and ``frequency_penalty`` times its count.
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    # vLLM's (CTRL's) penalty over prompt and output tokens: a seen token's positive logit is
+    # divided by it, a negative one multiplied. 1 is off.
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
+    # Added to the token's logit before sampling (token id -> -100..100).
+    logit_bias: dict[int, float] = Field(default_factory=dict, max_length=limits.MAX_LOGIT_BIAS)
+    # EOS and stop tokens are masked, and stop strings not looked for, until this many tokens.
+    min_tokens: int = Field(0, ge=0)
+    # Report the log probability of each output token, with this many most likely
+    # alternatives (0..MAX_LOGPROBS); None reports none. Computed from the logits the token is
+    # sampled from after penalties, bias and constraints, before temperature, top-k and top-p.
+    logprobs: int | None = Field(None, ge=0, le=limits.MAX_LOGPROBS)
+    # The same for the prompt's tokens (from the model's raw logits; the first has none).
+    prompt_logprobs: int | None = Field(None, ge=0, le=limits.MAX_LOGPROBS)
 
     @field_validator("stop")
     @classmethod
@@ -65,9 +83,24 @@ class SamplingParams(BaseModel):
             raise ValueError("stop strings must be non-empty")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[int, float]) -> dict[int, float]:
+        for token, bias in v.items():
+            if token < 0:
+                raise ValueError(f"logit_bias token ids must be non-negative (got {token})")
+            if not -100.0 <= bias <= 100.0:  # also refuses NaN
+                raise ValueError(f"logit_bias values must lie in [-100, 100] (got {bias} for {token})")
+        return v
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature < limits.MIN_TEMPERATURE or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether sampling needs the tokens seen so far (presence, frequency or repetition)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 Objective = Literal["latency", "throughput"]
@@ -90,8 +123,30 @@ class GenerateRequest:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log probability, and the ``top`` most likely tokens at its position as
+    ``(token id, logprob)`` pairs, most likely first (as many as the request asked for)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+    @classmethod
+    def coerce(cls, value: TokenLogprob | dict[str, Any] | None) -> TokenLogprob | None:
+        # Outputs cross process boundaries as JSON (the remote engine): rebuild from dicts.
+        if value is None or isinstance(value, TokenLogprob):
+            return value
+        return cls(int(value["token_id"]), float(value["logprob"]),
+                   [(int(t), float(lp)) for t, lp in value.get("top") or []])
+
+
+@dataclass
 class GenerateOutput:
-    """One incremental update of a request: tokens and text produced since the last one."""
+    """One incremental update of a request: tokens and text produced since the last one.
+
+    ``logprobs`` (when the sampling asked for them) holds one entry per token of
+    ``token_ids``; ``prompt_logprobs`` one per prompt token (None for the first), sent once,
+    on the request's first output."""
 
     request_id: str
     token_ids: list[int]
@@ -102,6 +157,14 @@ class GenerateOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None  # set when the engine failed this request
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.logprobs is not None:
+            self.logprobs = [lp for lp in map(TokenLogprob.coerce, self.logprobs) if lp is not None]
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = [TokenLogprob.coerce(lp) for lp in self.prompt_logprobs]
 
 
 @dataclass
@@ -112,6 +175,7 @@ class Load:
     kv_tokens_total: int
     cached_tokens: int  # tokens held by the prefix cache
     num_latency: int = 0  # latency requests running or waiting
+    num_preemptions: int = 0  # requests preempted since the engine started (a counter)
 
 
 class Engine(abc.ABC):
@@ -130,6 +194,10 @@ class Engine(abc.ABC):
     # Whether the engine keeps prefixes the service asks for (``pin_prefix``, ``prefill``);
     # without it, placement still follows what the engine probably cached.
     supports_prefix_control: bool = False
+    # Whether requests sent together that share a prefix not cached yet compute it once (the
+    # engine holds the others until it is cached); the service then sends a task group's
+    # requests without prefilling their shared start first.
+    computes_shared_prefix_once: bool = False
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -177,7 +245,9 @@ class Engine(abc.ABC):
         """Drop a pin (unknown ids are ignored); its prefix becomes evictable again."""
         return None
 
-    async def prefill(self, token_ids: list[int]) -> None:
+    async def prefill(self, token_ids: list[int], priority: int = 0) -> None:
         """Compute and cache the KV of ``token_ids`` without generating (a task group's shared
-        prefix, before the group fans out). Engines without prefix control ignore it."""
+        prefix before the group fans out, a waiting call's known prompt start), ranked as a
+        throughput request of ``priority`` (that of whatever waits for it). Engines without
+        prefix control ignore it."""
         return None

@@ -16,6 +16,9 @@ goes away. What it loses is every engine-side control:
 - no token ids back: outputs carry text only (``token_ids == []``). The service tokenizes
   the text again with the model's tokenizer where it needs ids (a consumer's prompt, a
   generation resumed on another engine), so the ids may differ from the ones sampled.
+  For the same reason a request for logprobs is refused; penalties, ``logit_bias`` (by
+  token id: the server must serve the same tokenizer) and ``min_tokens`` are passed on,
+  and after a resume the server's penalties see only the tokens it generated itself.
 
 Prompts go as token ids where the server takes them (vLLM, SGLang and Parrot do), else as
 text, or as chat messages for servers that serve chat only. A text prompt is the prompt's
@@ -369,6 +372,10 @@ class OpenAIEngine(Engine):
                     "has a prompt but no chat messages")
         elif not request.prompt_token_ids:
             raise InvalidRequestError("the prompt is empty")
+        if sampling.logprobs is not None or sampling.prompt_logprobs is not None:
+            # The server names tokens by their text only, which does not map back to token ids.
+            raise InvalidRequestError(f"logprobs are not available from the OpenAI-compatible engine at "
+                                      f"{self.url}: it reports tokens as text, not ids")
 
     async def _serve(self, flight: _Flight) -> None:
         is_latency = flight.request.objective == "latency"
@@ -536,6 +543,18 @@ def _sampling_fields(s: SamplingParams) -> dict[str, Any]:
         fields["seed"] = s.seed
     if s.stop:
         fields["stop"] = list(s.stop)
+    # Sent only when set, for the same reason; a hosted API takes the first three, vLLM (and
+    # SGLang's and Parrot's OpenAI routes) all five.
+    if s.presence_penalty:
+        fields["presence_penalty"] = s.presence_penalty
+    if s.frequency_penalty:
+        fields["frequency_penalty"] = s.frequency_penalty
+    if s.logit_bias:
+        fields["logit_bias"] = {str(t): b for t, b in s.logit_bias.items()}
+    if s.repetition_penalty != 1.0:
+        fields["repetition_penalty"] = s.repetition_penalty
+    if s.min_tokens > s.resumed_output_len:  # the server counts only what it generates
+        fields["min_tokens"] = s.min_tokens - s.resumed_output_len
     if s.json_schema == {"type": "object"}:
         fields["response_format"] = {"type": "json_object"}
     elif s.json_schema is not None:

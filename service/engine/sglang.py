@@ -37,6 +37,12 @@ What SGLang cannot do, and what happens instead:
   ``--enable-deterministic-inference``.
 - ``Load.cached_tokens`` is 0: ``/v1/loads`` reports the tokens live requests hold
   (``num_used_tokens``), not the size of the radix cache.
+- Penalties, ``logit_bias`` and ``min_tokens`` go as SGLang's ``sampling_params`` of the same
+  names (``min_new_tokens``); logprobs as ``return_logprob``, ``top_logprobs_num`` and
+  ``logprob_start_len`` (0 with prompt logprobs), read back from ``meta_info``'s
+  ``output_token_logprobs`` / ``output_top_logprobs`` (``input_...`` for the prompt). The
+  values are as SGLang computes them, which need not be from the same point of the sampling
+  pipeline as the builtin engine's (see ``SamplingParams.logprobs``).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from parrot.service.engine.base import (
     Load,
     Objective,
     SamplingParams,
+    TokenLogprob,
 )
 from parrot.service.engine.tokenizer import ModelTokenizer
 
@@ -98,7 +105,44 @@ def sampling_params_for_sglang(sp: SamplingParams) -> dict[str, Any]:
         params["sampling_seed"] = sp.seed
     if sp.json_schema is not None:
         params["json_schema"] = json.dumps(sp.json_schema)  # SGLang takes the schema as a string
+    # Penalties and bias under SGLang's names, sent only when set (its defaults otherwise).
+    if sp.presence_penalty:
+        params["presence_penalty"] = sp.presence_penalty
+    if sp.frequency_penalty:
+        params["frequency_penalty"] = sp.frequency_penalty
+    if sp.repetition_penalty != 1.0:
+        params["repetition_penalty"] = sp.repetition_penalty
+    if sp.logit_bias:
+        params["logit_bias"] = {str(t): b for t, b in sp.logit_bias.items()}
+    if sp.min_tokens > sp.resumed_output_len:  # SGLang counts only what it generates
+        params["min_new_tokens"] = sp.min_tokens - sp.resumed_output_len
     return params
+
+
+def logprob_fields_for_sglang(sp: SamplingParams) -> dict[str, Any]:
+    """The top-level ``/generate`` keys that ask for logprobs (none when none are wanted):
+    ``logprob_start_len`` -1 is the output's only, 0 the prompt's too."""
+    if sp.logprobs is None and sp.prompt_logprobs is None:
+        return {}
+    return {"return_logprob": True,
+            "top_logprobs_num": max(sp.logprobs or 0, sp.prompt_logprobs or 0),
+            "logprob_start_len": 0 if sp.prompt_logprobs is not None else -1}
+
+
+def _logprob_entries(values: Any, tops: Any, num_top: int) -> list[TokenLogprob | None]:
+    """SGLang's ``[logprob, token_id, text]`` triples (and per position a list of such triples
+    for the alternatives) as ``TokenLogprob``s; a null logprob (the first prompt token) is None."""
+    out: list[TokenLogprob | None] = []
+    tops = tops if isinstance(tops, list) else []
+    for i, triple in enumerate(values if isinstance(values, list) else []):
+        if not isinstance(triple, list | tuple) or len(triple) < 2 or triple[0] is None:
+            out.append(None)
+            continue
+        alternatives = tops[i] if i < len(tops) and isinstance(tops[i], list) else []
+        top = [(int(t[1]), float(t[0])) for t in alternatives[:num_top]
+               if isinstance(t, list | tuple) and len(t) >= 2 and t[0] is not None]
+        out.append(TokenLogprob(int(triple[1]), float(triple[0]), top))
+    return out
 
 
 def _error_message(body: Any, fallback: str) -> str:
@@ -127,6 +171,7 @@ class _Deltas:
         self.incremental = incremental
         self.token_ids: list[int] = []
         self.text = ""
+        self.sent_prompt_logprobs = False
 
     def take(self, chunk: dict[str, Any], num_output_tokens: int | None) -> tuple[list[int], str]:
         ids = [int(t) for t in chunk.get("output_ids") or []]
@@ -307,6 +352,7 @@ class SGLangEngine(Engine):
             "input_ids": list(request.prompt_token_ids),
             "sampling_params": sampling_params_for_sglang(sp),
             "stream": stream,
+            **logprob_fields_for_sglang(sp),
         }
         if not self._priority_refused:
             body["priority"] = -request.priority if self._low_priority_values_first else request.priority
@@ -390,6 +436,19 @@ class SGLangEngine(Engine):
                     raise InvalidRequestError(error_message)
         elif isinstance(finish, str):  # older servers sent the bare type
             finish_reason = _FINISH_TYPES.get(finish, "stop")
+        logprobs = prompt_logprobs = None
+        sp = request.sampling
+        if sp.logprobs is not None:
+            entries = _logprob_entries(meta.get("output_token_logprobs"), meta.get("output_top_logprobs"),
+                                       sp.logprobs)
+            # Cumulative or incremental like the rest of the chunk: the newest are this chunk's.
+            new = entries[len(entries) - len(token_ids):] if token_ids else []
+            logprobs = [e for e in new if e is not None]
+        if sp.prompt_logprobs is not None and not deltas.sent_prompt_logprobs:
+            entries = _logprob_entries(meta.get("input_token_logprobs"), meta.get("input_top_logprobs"),
+                                       sp.prompt_logprobs)
+            if entries:
+                prompt_logprobs, deltas.sent_prompt_logprobs = [None, *entries[1:]], True
         return GenerateOutput(
             request_id=rid,
             token_ids=token_ids,
@@ -400,6 +459,8 @@ class SGLangEngine(Engine):
             finished=finish_reason is not None,
             finish_reason=finish_reason,
             error=error_message,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     async def abort(self, request_id: str) -> None:
@@ -421,17 +482,19 @@ class SGLangEngine(Engine):
         return resp.status_code == 200
 
     # ---- prefix control ----------------------------------------------------------
-    async def prefill(self, token_ids: list[int]) -> None:
+    async def prefill(self, token_ids: list[int], priority: int = 0) -> None:
         """Compute and cache ``token_ids``' KV: a generation of ``max_new_tokens: 0``.
         Raises ``InvalidRequestError`` when the server refuses it, ``EngineUnavailableError``
         when it cannot be reached."""
         if not token_ids:
             return
-        body = {
+        body: dict[str, Any] = {
             "input_ids": list(token_ids),
             "sampling_params": {"max_new_tokens": 0},
             "stream": False,
         }
+        if priority and not self._priority_refused:  # as for a generation (see ``generate``)
+            body["priority"] = -priority if self._low_priority_values_first else priority
         try:
             resp = await self._client.post("/generate", json=body)
         except (httpx.TransportError, RuntimeError) as exc:

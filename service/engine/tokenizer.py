@@ -59,19 +59,36 @@ class ModelTokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def render_chat_template(self, messages: list[dict[str, str]]) -> str:
+    @cached_property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders tool definitions itself (it reads ``tools``)."""
+        template = getattr(self.hf, "chat_template", None)
+        if isinstance(template, dict):  # named templates: the default one, or a "tool_use" one
+            return "tool_use" in template or "tools" in str(template.get("default", ""))
+        return isinstance(template, str) and "tools" in template
+
+    def render_chat_template(self, messages: list[dict[str, Any]], *,
+                             tools: list[dict[str, Any]] | None = None,
+                             add_generation_prompt: bool = True) -> str:
         """The prompt text of ``messages`` in the model's chat template, with the generation
-        prompt appended; raises ``InvalidRequestError`` when the model has no chat template."""
+        prompt appended (unless told not to), and ``tools`` (OpenAI function tools) passed to
+        templates that render them; raises ``InvalidRequestError`` when the model has no chat
+        template."""
         from parrot.service.engine.base import InvalidRequestError
 
         if not self.has_chat_template:
             raise InvalidRequestError(f"model {self.model_name!r} has no chat template")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
+        return self.hf.apply_chat_template(messages, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt, **extra)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], *,
+                            tools: list[dict[str, Any]] | None = None,
+                            add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat: the text tokenized whole, with no special tokens
         added beyond those the template writes (as ``transformers`` does)."""
-        return self.encode(self.render_chat_template(messages))
+        return self.encode(self.render_chat_template(messages, tools=tools,
+                                                     add_generation_prompt=add_generation_prompt))
 
     @cached_property
     def prompt_prefix_ids(self) -> list[int]:

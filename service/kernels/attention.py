@@ -80,6 +80,11 @@ def paged_decode_attention(
     b, length = slot_table.shape
     num_kv, d = k_pool.shape[0], k_pool.shape[2]
     qf = q.view(b, num_kv, -1, d)
+    if b == 1:  # batch-1 decode: gather straight into the attention, no chunk buffers
+        flat = slot_table.view(-1)
+        k = _gather(k_pool, flat).unsqueeze(0)
+        v = _gather(v_pool, flat).unsqueeze(0)
+        return F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale).view(1, -1, d)
     chunk = min(DECODE_CHUNK, b)
     k_buf = q.new_empty(num_kv, chunk * length, d)
     v_buf = q.new_empty(num_kv, chunk * length, d)
@@ -92,6 +97,19 @@ def paged_decode_attention(
         m = None if mask is None else mask[s:s + n]
         outs.append(F.scaled_dot_product_attention(qf[s:s + n], k, v, attn_mask=m, scale=scale))
     return torch.cat(outs).view(b, -1, d)
+
+
+def contiguous_decode_attention(
+    q: torch.Tensor,  # [1, H, D], one request's query token
+    k: torch.Tensor,  # [KV, L, D], its keys in place (a slice of the pool)
+    v: torch.Tensor,  # [KV, L, D]
+    scale: float,
+) -> torch.Tensor:
+    """One request whose keys are consecutive pool slots: attention over a view, no gather."""
+    num_kv, d = k.shape[0], k.shape[2]
+    out = F.scaled_dot_product_attention(q.view(1, num_kv, -1, d), k.unsqueeze(0), v.unsqueeze(0),
+                                         scale=scale)
+    return out.view(1, -1, d)
 
 
 def shared_prefix_decode_attention(

@@ -79,6 +79,7 @@ class Call:
     error: str | None = None
     created: float = field(default_factory=time.time)
     started: float | None = None
+    first_token: float | None = None  # when its first output token arrived
     finished: float | None = None
     task: asyncio.Task | None = None
     request_id: str | None = None  # the engine request in flight, if any

@@ -4,13 +4,15 @@ A pending call's prompt starts with static text known at submission. When anothe
 call is placed on an engine and its prompt shares at least ``min_tokens`` of that
 start, the shared part is pinned on that engine, so the cache still holds it when
 the pending call becomes ready (after its inputs, perhaps minutes later). The pin
-goes once every call that needed it has run (or failed, or was cancelled).
+goes once every call that needed it has run (or failed, or was cancelled). A start the
+executor prefilled ahead for a waiting call is pinned the same way (``pin``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Iterable
 
 from parrot.service.dispatch.prefix_index import common_prefix_len
 from parrot.service.dispatch.registry import EngineHandle
@@ -44,16 +46,20 @@ class PrefixPins:
         """A call with ``prompt`` went to ``handle``: pin what pending calls share with it."""
         for prefix, calls in list(self.pending.items()):  # a snapshot: awaits below let others in
             n = common_prefix_len(prompt, prefix)
-            if n < self.min_tokens:
-                continue
-            digest = hashlib.blake2b(repr(prompt[:n]).encode(), digest_size=8).hexdigest()
-            pin_id = f"{handle.id}-{digest}"
-            if pin_id in self.pins:
-                self.pins[pin_id][1].update(calls)
-                continue
-            pinned = asyncio.ensure_future(handle.engine.pin_prefix(pin_id, prompt[:n]))
-            self.pins[pin_id] = (handle, set(calls), pinned)
-            await asyncio.shield(pinned)
+            if n >= self.min_tokens:
+                await asyncio.shield(self.pin(handle, prompt[:n], calls))
+
+    def pin(self, handle: EngineHandle, prefix: list[int], calls: Iterable[Call]) -> asyncio.Future:
+        """Pin ``prefix`` on ``handle`` until each of ``calls`` is resolved (one pin per engine
+        and prefix); the returned future is done once the engine holds the pin."""
+        digest = hashlib.blake2b(repr(prefix).encode(), digest_size=8).hexdigest()
+        pin_id = f"{handle.id}-{digest}"
+        if pin_id in self.pins:
+            self.pins[pin_id][1].update(calls)
+            return self.pins[pin_id][2]
+        pinned = asyncio.ensure_future(handle.engine.pin_prefix(pin_id, list(prefix)))
+        self.pins[pin_id] = (handle, set(calls), pinned)
+        return pinned
 
     def resolved(self, call: Call) -> None:
         """``call`` no longer waits (it ran, failed or was cancelled): drop pins nobody needs."""

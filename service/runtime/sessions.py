@@ -52,6 +52,7 @@ class SessionManager:
         self.default_idle_timeout_s = default_idle_timeout_s
         self.sessions: dict[str, Session] = {}
         self._reaper: asyncio.Task | None = None
+        self.observer = executor.dispatcher.observer
 
     # ---- lifecycle ------------------------------------------------------------------
     def create(self, idle_timeout_s: float | None = None, tenant: Tenant | None = None) -> Session:
@@ -61,6 +62,8 @@ class SessionManager:
         session = Session(uuid.uuid4().hex, idle_timeout_s or self.default_idle_timeout_s, tenant)
         self.sessions[session.id] = session
         session.tenant.open_sessions += 1
+        if self.observer is not None:
+            self.observer.session_created(session)
         return session
 
     def get(self, session_id: str, tenant: Tenant | None) -> Session:
@@ -82,6 +85,8 @@ class SessionManager:
             self.executor.cancel(call, "the session was deleted")
         for var in session.graph.variables.values():
             var.fail("the session was deleted")
+        if self.observer is not None:
+            self.observer.session_deleted(session)
 
     async def start(self, interval_s: float = 1.0) -> None:
         async def reap() -> None:
@@ -122,6 +127,8 @@ class SessionManager:
         calls = session.graph.add(graph)
         for call in calls:
             call.tenant = owner
+        if self.observer is not None:
+            self.observer.calls_added(session, calls)
         owner.calls_submitted(c for c in calls if c.kind == "llm")
         assign_task_groups(calls)
         for fetch in graph.fetches:  # before the new calls launch, so each is placed for its objective
@@ -186,7 +193,8 @@ def _call_info(c: Call) -> CallInfo:
         id=c.id, name=c.name, kind=c.kind, state=c.state,
         inputs=[v.id for v in c.inputs], outputs=[v.id for v in c.outputs],
         criterion=c.criterion, priority=c.priority, group=c.group, error=c.error,
-        timings=CallTimings(created=c.created, started=c.started, finished=c.finished),
+        timings=CallTimings(created=c.created, started=c.started, first_token=c.first_token,
+                            finished=c.finished),
         prompt_tokens=c.prompt_tokens, cached_tokens=c.cached_tokens, engine=c.engine_id,
         output_tokens=c.output_tokens, finish_reason=c.finish_reason,
     )

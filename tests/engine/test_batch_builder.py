@@ -1,7 +1,7 @@
 """Grouping decode requests by shared radix prefix, as plain Python over a real radix cache."""
 
 from parrot.service.engine.base import SamplingParams
-from parrot.service.engine.builtin.batch_builder import group_by_shared_prefix
+from parrot.service.engine.builtin.batch_builder import _consecutive, group_by_shared_prefix
 from parrot.service.engine.builtin.radix_cache import RadixCache
 from parrot.service.engine.builtin.request import Request
 
@@ -43,3 +43,10 @@ def test_requests_sharing_only_a_word_more_stay_in_the_big_group():
     # Pairs of user turns start alike ("How do I ..."): their paths split one token deeper.
     reqs = [locked_request(cache, f"r{i}", system + [9000 + i // 2, 9100 + i]) for i in range(8)]
     assert group_by_shared_prefix(reqs, 1) == [(reqs, 500)]
+
+
+def test_only_a_lone_row_over_consecutive_slots_is_read_in_place():
+    assert _consecutive([[7, 8, 9, 10]], 0) == (7, 4)
+    assert _consecutive([[7, 9, 8, 10]], 0) is None  # ends 3 apart, but not in a run
+    assert _consecutive([[7, 8], [9, 10]], 0) is None  # two rows are gathered together
+    assert _consecutive([[7, 8, 9]], 4) is None  # a two-phase group reads its prefix apart

@@ -39,17 +39,20 @@ class RecordRequests:
             await self.app(scope, receive, send)
             return
         body = bytearray()
+        # Logged on arrival, not after the response: a client that has its answer must find its
+        # request in the log, however late the server gets round to finishing up.
+        record = Recorded(scope["method"], scope["path"], None)
+        self.log.append(record)
 
         async def receive_and_keep() -> dict:
             message = await receive()
             if message["type"] == "http.request":
                 body.extend(message.get("body", b""))
+                if not message.get("more_body") and body:
+                    record.body = json.loads(body)
             return message
 
-        try:
-            await self.app(scope, receive_and_keep, send)
-        finally:
-            self.log.append(Recorded(scope["method"], scope["path"], json.loads(body) if body else None))
+        await self.app(scope, receive_and_keep, send)
 
 
 @dataclass

@@ -5,6 +5,7 @@ import torch
 
 from parrot.service.kernels.attention import (
     additive_mask,
+    contiguous_decode_attention,
     merge_partials,
     paged_decode_attention,
     prefill_attention,
@@ -47,6 +48,20 @@ def test_paged_decode_matches_reference_with_ragged_scattered_keys(heads, kv):
     for i, r in enumerate(rows):
         ref = naive(q[i:i + 1], k_pool[:, r].transpose(0, 1), v_pool[:, r].transpose(0, 1))
         torch.testing.assert_close(out[i:i + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 4), (9, 3)])
+def test_one_row_over_consecutive_slots_reads_them_in_place(heads, kv):
+    d, start, length = 16, 37, 120
+    k_pool, v_pool = pool(400, kv, d)
+    q = torch.randn(1, heads, d)
+    slots = list(range(start, start + length))
+    out = contiguous_decode_attention(q, k_pool[:, start:start + length], v_pool[:, start:start + length],
+                                      SCALE)
+    ref = naive(q, k_pool[:, slots].transpose(0, 1), v_pool[:, slots].transpose(0, 1))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    paged = paged_decode_attention(q, k_pool, v_pool, torch.tensor([slots]), None, SCALE)
+    torch.testing.assert_close(out, paged, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("heads,kv", [(4, 4), (9, 3)])

@@ -67,15 +67,15 @@ def live_server(live_server_factory) -> LiveServer:
 
 
 def read_metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    """The sum of the samples of ``name`` whose labels include ``labels``, in Prometheus text
+    format (0 when none): labels not named are summed over."""
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    total = 0.0
     for line in text.splitlines():
         m = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
-        if m and m.group(1) == name:
-            got = ",".join(sorted(filter(None, (m.group(2) or "").split(","))))
-            if got == want:
-                return float(m.group(3))
-    return 0.0
+        if m and m.group(1) == name and want <= set(filter(None, (m.group(2) or "").split(","))):
+            total += float(m.group(3))
+    return total
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from parrot.service import cli
 from parrot.service.cli import app, run_demo
+from parrot.service.engine.builtin import engine as builtin_engine
 
 runner = CliRunner()
 
@@ -45,7 +45,7 @@ def test_demo_prints_prompt_and_answer(live_server):
 @pytest.mark.parametrize("chat", [True, False])
 def test_generate_prints_the_greedy_completion(tiny_engine_factory, tokenizer, monkeypatch, chat):
     engine, hf = tiny_engine_factory()
-    monkeypatch.setattr(cli, "BuiltinEngine", lambda config: engine)  # the CLI's own loading path
+    monkeypatch.setattr(builtin_engine, "BuiltinEngine", lambda config: engine)  # the CLI's own loading path
     prompt = "Tell me a joke"
     ids = (engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat
            else engine.tokenizer.encode(prompt))

@@ -43,15 +43,18 @@ BAD_BODIES = [
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens", "greater than or equal"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature", "greater than"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p", "greater than"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, "n", "only n=1"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, "n", "greater than or equal to 1"),
+    ("/v1/completions", {"prompt": "x", "n": 129}, "n", "less than or equal to 128"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of", "best_of=1"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, "echo", "not supported yet"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs", "not supported yet"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty",
-     "not supported"),
-    ("/v1/completions", {"prompt": "x", "frequency_penalty": -1}, "frequency_penalty",
-     "not supported"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias", "not supported"),
+    ("/v1/completions", {"prompt": "x", "echo": "loud"}, "echo", "valid boolean"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs", "less than or equal to 20"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, "presence_penalty",
+     "less than or equal to 2"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, "frequency_penalty",
+     "greater than or equal to -2"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"five": 1}}, "logit_bias", "token ids"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": -1}, "min_tokens", "greater than or equal"),
     ("/v1/completions", {"prompt": "x", "stop": ["ok", ""]}, "stop", "non-empty"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, None,
      "only allowed when stream is true"),
@@ -63,12 +66,15 @@ BAD_BODIES = [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]},
      "messages[0].content", "only text content parts"),
     ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function", "function": {
-        "name": "f"}}]}, "tools", "not supported yet"),
-    ("/v1/chat/completions", {"messages": MSG, "tool_choice": "auto"}, "tool_choice",
-     "not supported yet"),
+        "name": "f g"}}]}, "tools[0].function.name", "should match pattern"),
+    ("/v1/chat/completions", {"messages": MSG, "tool_choice": "required"}, "tool_choice",
+     "only allowed when tools are specified"),
     ("/v1/chat/completions", {"messages": MSG, "response_format": {"type": "grammar"}},
      "response_format", "does not match any of the expected tags"),
-    ("/v1/chat/completions", {"messages": MSG, "logprobs": True}, "logprobs", "not supported yet"),
+    ("/v1/chat/completions", {"messages": MSG, "top_logprobs": 2}, None,
+     "top_logprobs is only allowed when logprobs is true"),
+    ("/v1/chat/completions", {"messages": MSG, "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+     "less than or equal to 20"),
     ("/v1/chat/completions", {"messages": MSG, "max_completion_tokens": -1},
      "max_completion_tokens", "greater than or equal"),
 ]
@@ -201,7 +207,7 @@ def test_unknown_routes_and_methods_are_json(live_server):
 
 def test_server_keeps_serving_after_errors(live_server):
     with live_server.http() as http:
-        for body in ({"prompt": 3}, {"prompt": "x", "n": 5}, {"model": "nope", "prompt": "x"}):
+        for body in ({"prompt": 3}, {"prompt": "x", "n": 0}, {"model": "nope", "prompt": "x"}):
             assert 400 <= http.post("/v1/completions", json=body).status_code < 500
         http.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
     resp = live_server.client().completions.create(model=live_server.model, prompt="Still there?",

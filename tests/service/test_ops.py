@@ -36,7 +36,7 @@ def test_metrics_count_requests_and_tokens(live_server, metric):
                                    messages=[{"role": "user", "content": "hi"}],
                                    extra_body={"ignore_eos": True})
     with live_server.http() as http:
-        http.post("/v1/completions", json={"prompt": "x", "n": 3})  # a 400
+        http.post("/v1/completions", json={"prompt": "x", "max_tokens": -1})  # a 400
         resp = http.get("/metrics")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     text = resp.text

@@ -58,8 +58,8 @@ def test_unknown_fields_are_named():
 
 
 @pytest.mark.parametrize("extra", [
-    {"n": 3}, {"presence_penalty": 1.0}, {"frequency_penalty": 0.1}, {"logit_bias": {"1": 1}},
-    {"logprobs": True}, {"top_logprobs": 3}, {"tools": [{"type": "function"}]},
+    {"n": 0}, {"presence_penalty": 2.5}, {"frequency_penalty": -2.1}, {"logit_bias": {"one": 1}},
+    {"logprobs": True, "top_logprobs": 21}, {"top_logprobs": 3}, {"tools": [{"type": "function"}]},
     {"functions": [{"name": "f"}]}, {"tool_choice": "required"}, {"function_call": "auto"},
     {"response_format": {"type": "json_schema"}}, {"stop": ""}, {"temperature": 2.5},
     {"messages": [{"role": "tool", "content": "x"}]},

@@ -81,6 +81,15 @@ def _table(rows: list[list[int]], device: torch.device, dtype: torch.dtype):
     return table, additive_mask(torch.tensor(lengths, device=device), width, dtype)
 
 
+def _consecutive(rows: list[list[int]], prefix_len: int) -> tuple[int, int] | None:
+    """(start, length) when a plain group is one row whose slots run consecutively."""
+    if len(rows) != 1 or prefix_len:
+        return None
+    slots = rows[0]
+    start = slots[0]
+    return (start, len(slots)) if slots == list(range(start, start + len(slots))) else None
+
+
 def build_forward_batch(
     batch: ScheduledBatch, device: torch.device, dtype: torch.dtype, min_saved_tokens: int | None
 ) -> tuple[ForwardBatch, list[Request]]:
@@ -99,11 +108,12 @@ def build_forward_batch(
             positions.append(pos)
             out_slots.append(req.slots[pos])
             samplers.append(req)
-        table, mask = _table([r.slots[prefix_len:r.num_computed + 1] for r in members], device, dtype)
+        rows = [r.slots[prefix_len:r.num_computed + 1] for r in members]
+        table, mask = _table(rows, device, dtype)
         prefix = None
         if prefix_len:
             prefix = torch.tensor(members[0].slots[:prefix_len], dtype=torch.long, device=device)
-        decode_groups.append(DecodeGroup(len(members), table, mask, prefix))
+        decode_groups.append(DecodeGroup(len(members), table, mask, prefix, _consecutive(rows, prefix_len)))
     prefills = []
     for req, n in batch.prefills:
         start = req.num_computed

@@ -22,11 +22,13 @@ import torch
 
 from parrot.service.engine.base import (
     Engine,
+    EngineError,
     GenerateOutput,
     GenerateRequest,
     InvalidRequestError,
     Load,
     Objective,
+    SamplingParams,
 )
 from parrot.service.engine.builtin import loader
 from parrot.service.engine.builtin.batch_builder import build_forward_batch
@@ -37,9 +39,18 @@ from parrot.service.engine.builtin.model import (
     kv_bytes_per_token,
     resolve_attention_backend,
 )
+from parrot.service.engine.builtin.prompt_logprobs import prompt_logprobs
+from parrot.service.engine.builtin.quant import resolve_quantization
 from parrot.service.engine.builtin.radix_cache import RadixCache
 from parrot.service.engine.builtin.request import IncrementalDetokenizer, Request
-from parrot.service.engine.builtin.sampler import apply_token_bitmask, make_generator, sample
+from parrot.service.engine.builtin.sampler import (
+    TokenHistory,
+    apply_penalties,
+    apply_token_bitmask,
+    make_generator,
+    sample,
+    token_logprobs,
+)
 from parrot.service.engine.builtin.scheduler import Scheduler, SchedulerConfig
 from parrot.service.engine.builtin.slots import SlotAllocator
 from parrot.service.engine.tokenizer import ModelTokenizer
@@ -76,6 +87,12 @@ class BuiltinEngineConfig:
     # kernels in parrot.service.kernels; CUDA, or CPU under TRITON_INTERPRET=1 for tests),
     # "auto": torch until the Triton kernels are verified on GPUs. Prefill always uses torch.
     attention_backend: AttentionBackendOption = "auto"
+    # Weight-only quantization of the matmuls (see quant.py). "none" (the default) computes
+    # exactly with the de-quantized weights, token for token as transformers does; "auto"
+    # serves a GGUF model from its own 4-bit blocks on CPU (several times fewer bytes a step,
+    # but bfloat16 arithmetic: greedy outputs drift from transformers', as llama.cpp's do);
+    # "gguf", "int4wo[-G]", "int8wo" ask for one.
+    quantization: str = "none"
 
 
 def _tune_cpu_allocator() -> None:
@@ -97,6 +114,7 @@ def _resolve(done: asyncio.Future[None]) -> None:
 class BuiltinEngine(Engine):
     kind = "builtin"
     supports_prefix_control = True
+    computes_shared_prefix_once = True  # the scheduler's shared-prefill hold
 
     def __init__(self, config: BuiltinEngineConfig | None = None, *, hf_model=None, tokenizer=None,
                  model_name: str | None = None) -> None:
@@ -110,6 +128,8 @@ class BuiltinEngine(Engine):
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
         if self.device.type == "cpu":
             _tune_cpu_allocator()
+        gguf = loader.source_gguf(config.model) if hf_model is None else None
+        quant = resolve_quantization(config.quantization, gguf=gguf, device=self.device)
         if hf_model is None:
             name, path = loader.resolve_model(config.model)
             dtype = self._pick_dtype(config.dtype)
@@ -123,7 +143,7 @@ class BuiltinEngine(Engine):
         hf_config = hf_model.config
         kv_bytes = kv_bytes_per_token(hf_config, hf_model.dtype)
         num_slots = max(int(config.kv_cache_gib * 2**30 // kv_bytes), 256)
-        self.runner = LlamaRunner(hf_model, num_slots, self.device, self.attention_backend)
+        self.runner = LlamaRunner(hf_model, num_slots, self.device, self.attention_backend, quant, gguf)
         del hf_model
         limit = hf_config.max_position_embeddings
         window = getattr(hf_config, "sliding_window", None)
@@ -155,6 +175,7 @@ class BuiltinEngine(Engine):
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self.num_steps = 0
+        self._scratch_slot: int | None = None  # a KV slot written and never read (prompt_logprobs.py)
 
     def _pick_dtype(self, name: str) -> torch.dtype:
         if name == "auto":
@@ -207,6 +228,9 @@ class BuiltinEngine(Engine):
             raise InvalidRequestError(f"request id {request.request_id!r} is already running")
         if request.sampling.resumed_output_len > n:
             raise InvalidRequestError("resumed_output_len exceeds the prompt length")
+        bad_bias = [t for t in request.sampling.logit_bias if not 0 <= t < vocab]
+        if bad_bias:
+            raise InvalidRequestError(f"logit_bias token ids must lie in [0, {vocab}) (got {bad_bias[0]})")
 
     async def check(self, request: GenerateRequest) -> None:
         """``validate``, plus what takes work off the event loop: compiling a JSON schema."""
@@ -253,6 +277,21 @@ class BuiltinEngine(Engine):
     async def unpin_prefix(self, pin_id: str) -> None:
         await self._on_runner("unpin", pin_id)
 
+    async def prefill(self, token_ids: list[int], priority: int = 0) -> None:
+        """Compute and cache the KV of ``token_ids`` as a prefill-only request (``max_new_tokens``
+        0: nothing is generated); return once it is cached. It runs as throughput work of
+        ``priority``, so latency work goes first and, while latency work runs, it gets only what
+        that leaves of a step (``latency_step_tokens``). Without prefix caching nothing would stay
+        cached: a no-op."""
+        if not token_ids or not self.config.prefix_caching:
+            return
+        request = GenerateRequest(f"prefill-{next(self._ids)}", list(token_ids),
+                                  SamplingParams(max_new_tokens=0), objective="throughput",
+                                  priority=priority)
+        async for out in self.generate(request):
+            if out.error:
+                raise EngineError(f"prefill failed: {out.error}")
+
     async def _on_runner(self, kind: str, arg: object) -> None:
         """Queue a command and wait until the runner thread has applied it."""
         if self._thread is None:
@@ -274,6 +313,7 @@ class BuiltinEngine(Engine):
             kv_tokens_used=self.allocator.num_slots - self.allocator.num_free,
             kv_tokens_total=self.allocator.num_slots,
             cached_tokens=self.cache.total_size,
+            num_preemptions=sched.num_preemptions,
         )
 
     # ---- runner thread ---------------------------------------------------------------
@@ -363,6 +403,10 @@ class BuiltinEngine(Engine):
             detokenizer=IncrementalDetokenizer(self.tokenizer.hf, sp.stop),
             grammar=grammar,
         )
+        if sp.has_penalties:
+            ids = request.prompt_token_ids
+            req.history = TokenHistory(self.runner.vocab_size, ids, ids[len(ids) - sp.resumed_output_len:],
+                                       self.device)
         self._requests[req.request_id] = req
         self.scheduler.add(req)
 
@@ -401,6 +445,12 @@ class BuiltinEngine(Engine):
         if target is None:
             return
         assert req.detokenizer is not None
+        logprobs = None
+        if req.sampling.logprobs is not None:
+            logprobs, req.pending_logprobs = req.pending_logprobs, []
+        prompt = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            prompt, req.prompt_logprobs_sent = req.prompt_logprobs, True
         out = GenerateOutput(
             request_id=req.request_id,
             token_ids=new_ids,
@@ -411,6 +461,8 @@ class BuiltinEngine(Engine):
             finished=req.finished,
             finish_reason=req.finish_reason,
             error=error,
+            logprobs=logprobs,
+            prompt_logprobs=prompt,
         )
         loop, stream = target
         loop.call_soon_threadsafe(stream.put_nowait, out)
@@ -428,24 +480,66 @@ class BuiltinEngine(Engine):
         self.num_steps += 1
         if not samplers:
             return
+        for req in samplers:
+            if req.sampling.prompt_logprobs is not None and req.prompt_logprobs is None:
+                self._compute_prompt_logprobs(req)
+        params = [r.sampling for r in samplers]
+        # Penalties, bias and min_tokens first, then the grammar: a masked token stays masked.
+        # min_tokens leaves a constrained row alone: its grammar decides where the JSON ends.
+        logits = apply_penalties(
+            logits, params, [r.history for r in samplers], [r.num_generated for r in samplers],
+            [() if r.grammar is not None else self._end_ids(r.sampling) for r in samplers])
         constrained = [i for i, r in enumerate(samplers) if r.grammar is not None]
         if constrained:
             bitmask = self.grammars.fill_bitmask([samplers[i].grammar for i in constrained])
             logits = apply_token_bitmask(logits, constrained, bitmask)
         try:
             tokens: list[int | None] = list(
-                sample(logits, [r.sampling for r in samplers], [r.generator for r in samplers]))
+                sample(logits, params, [r.generator for r in samplers]))
         except Exception:  # find the rows that fail, and fail only their requests
             logger.exception("sampling a batch failed; sampling its rows one by one")
             tokens = [self._sample_row(logits, i, req) for i, req in enumerate(samplers)]
+        wanted = [i for i, (r, t) in enumerate(zip(samplers, tokens, strict=True))
+                  if r.sampling.logprobs is not None and t is not None and r.sampling.max_new_tokens > 0]
+        if wanted:
+            entries = token_logprobs(logits, wanted, [params[i].logprobs or 0 for i in wanted],
+                                     [tokens[i] or 0 for i in wanted])
+            for i, entry in zip(wanted, entries, strict=True):
+                samplers[i].pending_logprobs.append(entry)
         for req, token in zip(samplers, tokens, strict=True):
-            if token is None:
+            if token is None or req.finished:  # finished: failed in this step (its prompt logprobs)
                 continue
             try:
                 self._append_token(req, token)
             except Exception as exc:  # e.g. a detokenizer or grammar failure: this request's own
                 logger.exception("request %s failed after a step", req.request_id)
                 self._fail(req, f"engine error: {type(exc).__name__}: {exc}")
+
+    def _end_ids(self, sp: SamplingParams) -> tuple[int, ...]:
+        """The tokens that would end an output now; ``min_tokens`` holds them back."""
+        if sp.min_tokens == 0:
+            return ()
+        return tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(self.eos_token_ids))
+
+    def _compute_prompt_logprobs(self, req: Request) -> None:
+        """Fill ``req.prompt_logprobs`` (its prompt KV is computed by now); a failure fails the
+        request alone."""
+        if self._scratch_slot is None:
+            slots = self.allocator.alloc(1)
+            if slots is None and self.cache.evict(1) >= 1:
+                slots = self.allocator.alloc(1)
+            if slots is None:
+                self._fail(req, "no KV slot is free to compute the prompt's logprobs; try again")
+                return
+            self._scratch_slot = slots[0]  # kept for good: one slot, reused by every such request
+        n = req.num_prompt_tokens
+        try:
+            req.prompt_logprobs = prompt_logprobs(self.runner, req.token_ids[:n], req.slots[:n],
+                                                  self._scratch_slot, req.sampling.prompt_logprobs or 0,
+                                                  self.config.max_step_tokens)
+        except Exception as exc:
+            logger.exception("prompt logprobs of request %s failed", req.request_id)
+            self._fail(req, f"computing the prompt's logprobs failed: {type(exc).__name__}: {exc}")
 
     def _sample_row(self, logits: torch.Tensor, row: int, req: Request) -> int | None:
         """One row's token, or None after failing its request with the cause."""
@@ -475,16 +569,19 @@ class BuiltinEngine(Engine):
             self._finish(req)
             return
         req.token_ids.append(token)
+        if req.history is not None:
+            req.history.add(token)
         assert req.detokenizer is not None
         if req.grammar is not None and not req.grammar.consume_token(token):
             req.finish_reason = "abort"  # cannot happen with the mask applied; never end silently
             error = f"the JSON schema constraint failed: {matcher_error(req.grammar)}"
             self._finish(req, [token], error=error)
             return
-        # A stop token ends the output without adding its text (as in vLLM).
+        # A stop token ends the output without adding its text (as in vLLM). Until min_tokens,
+        # stop tokens are masked (see apply_penalties) and stop strings not looked for.
         if token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos):
             req.finish_reason = "stop"
-        elif req.detokenizer.add(req.output_ids):
+        elif req.detokenizer.add(req.output_ids, find_stop=req.num_generated >= sp.min_tokens):
             req.finish_reason = "stop"
         elif req.grammar is not None and req.grammar.is_stopped():  # the JSON is complete
             req.finish_reason = "stop"

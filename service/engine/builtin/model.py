@@ -10,14 +10,25 @@ tokens (one per request) first, then prefill chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from parrot.service.engine.builtin.quant import (
+    BFloat16Weight,
+    GgufInt4Source,
+    QuantConfig,
+    Weight,
+    linear,
+    quantize,
+    weight_nbytes,
+)
 from parrot.service.kernels import triton_attention
 from parrot.service.kernels.attention import (
+    contiguous_decode_attention,
     paged_decode_attention,
     prefill_attention,
     shared_prefix_decode_attention,
@@ -39,6 +50,9 @@ class DecodeGroup:
     slot_table: torch.Tensor  # [B, L]
     mask: torch.Tensor | None  # [B, 1, 1, L] additive, None when no row is padded
     prefix_slots: torch.Tensor | None = None  # [P]
+    # A lone row whose keys sit in consecutive slots [start, start + length): attention reads
+    # them in place, with no gather (batch-1 decode on an unfragmented pool).
+    slot_range: tuple[int, int] | None = None
 
 
 @dataclass
@@ -56,14 +70,14 @@ class ForwardBatch:
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
+    qkv: Weight
     qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o_proj: torch.Tensor
+    o_proj: Weight
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Weight
+    down: Weight
 
 
 def head_dim_of(config) -> int:
@@ -97,22 +111,30 @@ def resolve_attention_backend(name: str, device: torch.device) -> AttentionBacke
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as transformers' LlamaRMSNorm, so greedy outputs agree.
-    dtype = x.dtype
+    # Same arithmetic as transformers' LlamaRMSNorm, so greedy outputs agree; in float32
+    # torch's own op computes exactly that in one call.
+    if x.dtype == torch.float32:
+        return torch.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    return weight * x32.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, as transformers' ``apply_rotary_pos_emb`` computes it."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class LlamaRunner:
     def __init__(self, hf_model: PreTrainedModel, num_kv_slots: int, device: torch.device,
-                 attention_backend: AttentionBackend = "torch") -> None:
+                 attention_backend: AttentionBackend = "torch", quant: QuantConfig | None = None,
+                 gguf: Path | None = None) -> None:
+        """``quant`` says how to keep the matmul weights (see quant.py); "gguf" reads the 4-bit
+        blocks from ``gguf``, the file ``hf_model`` was de-quantized from."""
         config = hf_model.config
+        self.quant = quant or QuantConfig("none")
+        self._gguf = GgufInt4Source(gguf, config) if self.quant.method == "gguf" and gguf else None
         self.config = config
         self.device = device
         self.attention_backend = attention_backend
@@ -128,9 +150,11 @@ class LlamaRunner:
         inner = hf_model.model
         self.embed = inner.embed_tokens.weight.detach().to(device)
         self.final_norm = inner.norm.weight.detach().to(device)
-        self.lm_head = hf_model.lm_head.weight.detach().to(device)
+        tied = self._gguf is not None and "output.weight" not in self._gguf.tensors
+        self.lm_head = self._matrix(hf_model.lm_head.weight, ["token_embd" if tied else "output"])
         self.rotary = inner.rotary_emb.to(device)
-        self.layers = [self._fuse(layer) for layer in inner.layers]
+        self.layers = [self._fuse(i, layer) for i, layer in enumerate(inner.layers)]
+        self._gguf = None  # the file's tensors are no longer needed
 
         shape = (self.num_kv_heads, num_kv_slots, self.head_dim)  # head-major, see kernels
         self.k_pool = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
@@ -140,8 +164,35 @@ class LlamaRunner:
     def kv_bytes_per_token(self) -> int:
         return kv_bytes_per_token(self.config, self.dtype)
 
-    def _fuse(self, layer) -> _Layer:
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the matmul weights one decode step reads (all layers and the LM head)."""
+        mats = [m for layer in self.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        return sum(weight_nbytes(m) for m in [*mats, self.lm_head])
+
+    def _matrix(self, weight: torch.Tensor, gguf_names: list[str]) -> Weight:
+        """One matmul's weight as the quantization asks: the GGUF's own blocks where it has
+        them in 4 bits, else quantized at load (int4wo, int8wo), else as it is."""
+        if self._gguf is not None:
+            blocks = self._gguf.matrix(gguf_names, weight)
+            if blocks is not None:
+                return blocks
+        return self._plain(weight)
+
+    def _plain(self, weight: torch.Tensor) -> Weight:
+        weight = weight.detach()
+        if self.quant.method in ("int4wo", "int8wo"):
+            return quantize(weight, self.quant)
+        if self.quant.method == "gguf" and weight.dtype == torch.float32:
+            # A matrix the file keeps in more than 4 bits (the default model's Q8_0 embeddings,
+            # which are also its LM head): bfloat16 halves the bytes a step reads and stays
+            # within 2^-9 of every value; its matmul takes bfloat16 in (see BFloat16Weight).
+            return BFloat16Weight(weight.to(self.device))
+        return weight.to(self.device)
+
+    def _fuse(self, index: int, layer) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
+        blk = f"blk.{index}."
 
         def to(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to(self.device)
@@ -149,14 +200,16 @@ class LlamaRunner:
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
         return _Layer(
             input_norm=to(layer.input_layernorm.weight),
-            qkv=to(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
+            qkv=self._matrix(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                             [blk + "attn_q", blk + "attn_k", blk + "attn_v"]),
             qkv_bias=None if biases[0] is None else to(torch.cat(biases)),
             q_norm=to(attn.q_norm.weight) if hasattr(attn, "q_norm") else None,
             k_norm=to(attn.k_norm.weight) if hasattr(attn, "k_norm") else None,
-            o_proj=to(attn.o_proj.weight),
+            o_proj=self._matrix(attn.o_proj.weight, [blk + "attn_output"]),
             post_norm=to(layer.post_attention_layernorm.weight),
-            gate_up=to(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-            down=to(mlp.down_proj.weight),
+            gate_up=self._matrix(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                                 [blk + "ffn_gate", blk + "ffn_up"]),
+            down=self._matrix(mlp.down_proj.weight, [blk + "ffn_down"]),
         )
 
     @torch.inference_mode()
@@ -171,25 +224,27 @@ class LlamaRunner:
         plan = None
         if self.attention_backend == "triton" and batch.decode_groups:
             plan = triton_attention.plan_decode(batch.decode_groups, h, kv, self.device)
+        qk = h + kv
         for i, layer in enumerate(self.layers):
-            residual = x
-            qkv = F.linear(_rms_norm(x, layer.input_norm, self.eps), layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
-            q, k, v = q.view(num_tokens, h, d), k.view(num_tokens, kv, d), v.view(num_tokens, kv, d)
-            if layer.q_norm is not None and layer.k_norm is not None:  # qwen3
-                q = _rms_norm(q, layer.q_norm, self.eps)
-                k = _rms_norm(k, layer.k_norm, self.eps)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qkv = linear(_rms_norm(x, layer.input_norm, self.eps), layer.qkv, layer.qkv_bias)
+            if layer.q_norm is None or layer.k_norm is None:
+                # q and k sit side by side in qkv: one rotation for both (fewer small ops).
+                rotated = _rope(qkv[:, :qk * d].view(num_tokens, qk, d), cos, sin)
+                q, k = rotated[:, :h], rotated[:, h:]
+            else:  # qwen3 normalizes each head of q and k first
+                q = _rope(_rms_norm(qkv[:, :h * d].view(num_tokens, h, d), layer.q_norm, self.eps), cos, sin)
+                k = _rope(_rms_norm(qkv[:, h * d:qk * d].view(num_tokens, kv, d), layer.k_norm, self.eps),
+                          cos, sin)
+            v = qkv[:, qk * d:].view(num_tokens, kv, d)
             self.k_pool[i].index_copy_(1, batch.out_slots, k.transpose(0, 1))
             self.v_pool[i].index_copy_(1, batch.out_slots, v.transpose(0, 1))
             attn = self._attention(q, i, batch, plan)
-            x = residual + F.linear(attn.reshape(num_tokens, h * d), layer.o_proj)
-            gate, up = F.linear(_rms_norm(x, layer.post_norm, self.eps), layer.gate_up).chunk(2, -1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            x = x + linear(attn.reshape(num_tokens, h * d), layer.o_proj)
+            gate, up = linear(_rms_norm(x, layer.post_norm, self.eps), layer.gate_up).chunk(2, -1)
+            x = x + linear(F.silu(gate) * up, layer.down)
         if batch.logit_rows is not None:
             x = x.index_select(0, batch.logit_rows)
-        return F.linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head).float()
+        return linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head).float()
 
     def _attention(self, q: torch.Tensor, layer: int, batch: ForwardBatch,
                    plan: triton_attention.DecodePlan | None = None) -> torch.Tensor:
@@ -200,11 +255,15 @@ class LlamaRunner:
             # Every decode group, plain or two-phase, in the plan's two launches; the decode
             # rows come first in the batch, so they are q's first plan.num_rows rows.
             parts.append(triton_attention.decode_attention_triton(
-                q[:plan.num_rows], k_pool, v_pool, plan, self.scale))
+                q[:plan.num_rows].contiguous(), k_pool, v_pool, plan, self.scale))
         for group in batch.decode_groups if plan is None else ():
             rows = q[row:row + group.num_rows]
             row += group.num_rows
-            if group.prefix_slots is None:
+            if group.slot_range is not None:
+                start, length = group.slot_range
+                parts.append(contiguous_decode_attention(
+                    rows, k_pool[:, start:start + length], v_pool[:, start:start + length], self.scale))
+            elif group.prefix_slots is None:
                 parts.append(paged_decode_attention(
                     rows, k_pool, v_pool, group.slot_table, group.mask, self.scale))
             else:

@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from parrot.service.engine.base import FinishReason, Objective, SamplingParams
+from parrot.service.engine.base import FinishReason, Objective, SamplingParams, TokenLogprob
 from parrot.service.engine.builtin.radix_cache import RadixNode
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
+
+    from parrot.service.engine.builtin.sampler import TokenHistory
 
 
 @dataclass(eq=False)
@@ -36,6 +38,11 @@ class Request:
     finish_reason: FinishReason | None = None
     detokenizer: IncrementalDetokenizer | None = None
     grammar: LLMatcher | None = None  # set for a JSON-schema constrained request (see grammar.py)
+    history: TokenHistory | None = None  # set when the sampling has penalties
+    # Logprobs of tokens sampled but not yet sent, and the prompt's (sent with the first output).
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def queue_key(self) -> tuple[int, int, int, int]:
@@ -45,6 +52,12 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens so far, counting those generated before a resume (see
+        ``SamplingParams.resumed_output_len``)."""
+        return self.num_output_tokens + self.sampling.resumed_output_len
 
     @property
     def output_ids(self) -> list[int]:
@@ -72,8 +85,9 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
 
-    def add(self, ids: list[int]) -> bool:
-        """Account for the newest token of ``ids``; return True if a stop string appeared."""
+    def add(self, ids: list[int], find_stop: bool = True) -> bool:
+        """Account for the newest token of ``ids``; return True if a stop string appeared (looked
+        for only with ``find_stop``: a stop string completed earlier is never found later)."""
         decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
         prefix = decode(ids[self._prefix_offset:self._read_offset])
         full = decode(ids[self._prefix_offset:])
@@ -83,7 +97,7 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(ids)
         start = max(0, len(self.text) - self.holdback)
         self.text += delta
-        for s in self.stop:
+        for s in self.stop if find_stop else ():
             pos = self.text.find(s, start)
             if pos != -1:
                 self.text = self.text[:pos]

@@ -33,6 +33,7 @@ from parrot.service.engine.remote.protocol import (
     LoadInfo,
     PinBody,
     PinRef,
+    PrefillBody,
     PriorityBody,
     RequestRef,
 )
@@ -55,6 +56,7 @@ def load_tokenizer_files(files: dict[str, str]) -> Any:
 class RemoteEngine(Engine):
     kind = "remote"
     supports_prefix_control = True
+    computes_shared_prefix_once = True  # a builtin engine in another process
 
     def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
         self.url = url.rstrip("/")
@@ -126,6 +128,17 @@ class RemoteEngine(Engine):
 
     async def unpin_prefix(self, pin_id: str) -> None:
         await self._quiet_post("/unpin_prefix", PinRef(pin_id=pin_id).model_dump())
+
+    async def prefill(self, token_ids: list[int], priority: int = 0) -> None:
+        if not token_ids:
+            return
+        body = PrefillBody(input_ids=token_ids, priority=priority)
+        try:
+            resp = await self._client.post("/prefill", json=body.model_dump())
+        except (httpx.TransportError, RuntimeError) as exc:  # RuntimeError: the client was closed
+            raise EngineUnavailableError(f"engine at {self.url} is unreachable: {exc}") from exc
+        if resp.status_code != 200:
+            raise _http_error(resp)
 
     async def _quiet_post(self, path: str, body: dict) -> None:
         # Hints and aborts: an engine that is gone has nothing left to abort or re-rank.

@@ -35,6 +35,7 @@ class LoadInfo(_Strict):
     kv_tokens_total: int = 0
     cached_tokens: int = 0
     num_latency: int = 0
+    num_preemptions: int = 0
 
 
 class EngineInfo(BaseModel):
@@ -71,6 +72,11 @@ class PinRef(_Strict):
 
 class PinBody(PinRef):
     input_ids: list[int]
+
+
+class PrefillBody(_Strict):
+    input_ids: list[int] = Field(min_length=1)
+    priority: int = 0
 
 
 class EngineRegistration(_Strict):

@@ -31,6 +31,7 @@ from parrot.service.engine.remote.protocol import (
     LoadInfo,
     PinBody,
     PinRef,
+    PrefillBody,
     PriorityBody,
     Registered,
     RequestRef,
@@ -172,6 +173,11 @@ def create_worker_app(engine: BuiltinEngine, *, service_url: str | None = None,
     @app.post("/unpin_prefix")
     async def unpin_prefix(body: PinRef) -> dict:
         await engine.unpin_prefix(body.pin_id)
+        return {"ok": True}
+
+    @app.post("/prefill")
+    async def prefill(body: PrefillBody) -> dict:
+        await engine.prefill(body.input_ids, body.priority)  # answers once the KV is cached
         return {"ok": True}
 
     return app

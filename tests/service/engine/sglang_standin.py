@@ -27,8 +27,10 @@ process dies), ``fail_after_tokens = N`` (after N output tokens the request ends
 ``abort`` carrying a 500, as when SGLang's scheduler fails it), ``extra_dp_ranks`` (more
 per-rank entries for ``/v1/loads``).
 
-Where the builtin engine cannot do what SGLang's sampling keys ask (penalties, ``min_p``,
-``regex``, ``n`` > 1, ...), the stand-in refuses the request rather than ignore the key.
+Where the builtin engine cannot do what SGLang's sampling keys ask (``min_p``, ``regex``,
+``n`` > 1, ...), the stand-in refuses the request rather than ignore the key. Penalties,
+``logit_bias``, ``min_new_tokens`` and logprobs (``return_logprob``, ``top_logprobs_num``,
+``logprob_start_len`` 0 or -1) are served by the builtin engine.
 """
 
 from __future__ import annotations
@@ -56,12 +58,12 @@ TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary" top_k
 # SGLang's sampling_params keys and their defaults (api_types.SamplingParams). The builtin engine
 # honours the first group; the second only at these defaults.
 _HONOURED_KEYS = {"max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k",
-                  "ignore_eos", "json_schema", "sampling_seed"}
+                  "ignore_eos", "json_schema", "sampling_seed", "frequency_penalty", "presence_penalty",
+                  "repetition_penalty", "min_new_tokens", "logit_bias"}
 _DEFAULT_ONLY: dict[str, Any] = {
-    "stop_regex": None, "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
-    "repetition_penalty": 1.0, "min_new_tokens": 0, "n": 1, "regex": None, "ebnf": None,
+    "stop_regex": None, "min_p": 0.0, "n": 1, "regex": None, "ebnf": None,
     "structural_tag": None, "skip_special_tokens": True, "spaces_between_special_tokens": True,
-    "no_stop_trim": False, "stream_interval": None, "logit_bias": {}, "custom_params": None,
+    "no_stop_trim": False, "stream_interval": None, "custom_params": None,
     "beam_width": None, "watermark": None, "choice": [],
 }
 # In SGLang's declared order, which its "unknown field" message lists.
@@ -237,8 +239,19 @@ def create_sglang_standin(engine: BuiltinEngine, *, incremental_streaming: bool 
             if not isinstance(json_schema, dict):
                 json_schema = None
                 grammar_error = grammar_error or "Failed to compile json grammar: a schema is an object"
+        # Logprobs (top-level keys): triples [logprob, token id, text] in meta_info.
+        num_top = int(body.get("top_logprobs_num") or 0)
+        wants_logprobs = bool(body.get("return_logprob"))
+        prompt_from = body.get("logprob_start_len")
         try:
             sampling = SamplingParams(
+                logprobs=num_top if wants_logprobs else None,
+                prompt_logprobs=num_top if wants_logprobs and prompt_from == 0 else None,
+                presence_penalty=float(sp.get("presence_penalty", 0.0)),
+                frequency_penalty=float(sp.get("frequency_penalty", 0.0)),
+                repetition_penalty=float(sp.get("repetition_penalty", 1.0)),
+                min_tokens=int(sp.get("min_new_tokens", 0)),
+                logit_bias={int(k): float(v) for k, v in (sp.get("logit_bias") or {}).items()},
                 max_new_tokens=max_new,
                 temperature=temperature,
                 top_p=top_p,
@@ -276,9 +289,34 @@ def create_sglang_standin(engine: BuiltinEngine, *, incremental_streaming: bool 
         text = engine.tokenizer.decode(token_ids)
         return {"type": "stop", "matched": next((s for s in request.sampling.stop if s in text), last)}
 
+    logprob_log: dict[str, tuple[list[Any], list[Any] | None]] = {}  # rid -> (output's, prompt's)
+
+    def triples(entries: list[Any]) -> tuple[list[Any], list[Any]]:
+        return ([[e.logprob, e.token_id, None] for e in entries],
+                [[[lp, t, None] for t, lp in e.top] for e in entries])
+
+    def logprob_meta(out: GenerateOutput, request: GenerateRequest) -> dict[str, Any]:
+        if request.sampling.logprobs is None:
+            return {}
+        seen, prompt = logprob_log.setdefault(request.request_id, ([], None))
+        seen += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            prompt = [e for e in out.prompt_logprobs[1:] if e is not None]
+            logprob_log[request.request_id] = (seen, prompt)
+        values, tops = triples(list(out.logprobs or []) if incremental_streaming else seen)
+        meta: dict[str, Any] = {"output_token_logprobs": values, "output_top_logprobs": tops}
+        if prompt is not None:
+            values, tops = triples(prompt)
+            meta["input_token_logprobs"] = [[None, request.prompt_token_ids[0], None], *values]
+            meta["input_top_logprobs"] = [None, *tops]
+        if out.finished:
+            logprob_log.pop(request.request_id, None)
+        return meta
+
     def meta_info(out: GenerateOutput, request: GenerateRequest, token_ids: list[int],
                   started: float) -> dict[str, Any]:
         return {
+            **logprob_meta(out, request),
             "id": request.request_id,
             "finish_reason": finish_reason(out, request, token_ids),
             "prompt_tokens": out.num_prompt_tokens,

@@ -233,6 +233,25 @@ async def test_requests_this_backend_cannot_serve_are_refused_before_sending(eng
     assert proxy.script.times() == []  # nothing but /models reached the server
 
 
+async def test_penalties_bias_and_min_tokens_pass_on_and_logprobs_are_refused(
+        upstream, engine_at, proxy, model_tokenizer):
+    ids = model_tokenizer.encode("Once upon a time")
+    token = model_tokenizer.encode(" banana")[0]
+    fields = {"presence_penalty": 2.0, "frequency_penalty": 2.0, "logit_bias": {str(token): 20.0},
+              "repetition_penalty": 1.5, "min_tokens": 3}
+    ref = await upstream.completion(ids, max_tokens=12, ignore_eos=True, **fields)
+    async with engine_at(proxy.api) as engine:
+        outs = await run(engine, request(ids, max_new_tokens=12, ignore_eos=True, presence_penalty=2.0,
+                                         frequency_penalty=2.0, logit_bias={token: 20.0},
+                                         repetition_penalty=1.5, min_tokens=3))
+        assert joined(outs) == ref["choices"][0]["text"]
+        [(_, _, sent)] = [seen for seen in proxy.script.seen if seen[1] == "completions"]
+        assert {k: sent[k] for k in fields} == fields
+        for asked in ({"logprobs": 2}, {"prompt_logprobs": 0}):
+            with pytest.raises(InvalidRequestError, match="logprobs"):
+                await run(engine, request(ids, **asked))
+
+
 # ---- prompt format fallback -------------------------------------------------------------------
 
 
