@@ -83,6 +83,23 @@ class FunctionTool:
     parameters: Mapping[str, Any] | None = None  # a JSON schema of an object
 
 
+    @classmethod
+    def from_openai(cls, tool: Mapping[str, Any]) -> FunctionTool:
+        """A tool in OpenAI's function format, ``{"type": "function", "function": {"name",
+        "description", "parameters"}}`` (or the inner ``function`` object alone), the form
+        framework integrations hold their tools in. ``ValueError`` for anything else."""
+        function = tool.get("function") if "function" in tool else tool
+        if tool.get("type", "function") != "function" or not isinstance(function, Mapping):
+            raise ValueError(f"tool {dict(tool)!r} is not a function tool; only functions can be called")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"function tool {dict(function)!r} has no name")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, Mapping):
+            raise ValueError(f"the parameters of tool {name!r} must be a JSON schema object")
+        return cls(name, function.get("description") or "", parameters)
+
+
 @dataclass(frozen=True)
 class FunctionCall:
     name: str
@@ -138,16 +155,16 @@ class ToolUse:
                 "required": [CONTENT_KEY], "additionalProperties": False}
         return {"anyOf": [schema, text]}
 
+    @classmethod
+    def from_openai(cls, tools: Sequence[Mapping[str, Any]], choice: str = AUTO, *,
+                    parallel: bool = True) -> ToolUse:
+        """Tool use over tools in OpenAI's function format (``FunctionTool.from_openai``)."""
+        return cls(tuple(FunctionTool.from_openai(t) for t in tools), choice, parallel)
+
     def instructions(self, *, list_tools: bool = True) -> str:
         """The tools and the reply format in words, for a system message (``list_tools``
         false: the chat template lists the tools itself)."""
-        lines = []
-        if list_tools:
-            lines.append("You can call these tools:")
-            for t in self.tools:
-                about = f": {t.description}" if t.description else ""
-                lines.append(f"- {t.name}{about} Arguments (JSON schema): "
-                             f"{json.dumps(object_parameters(t.parameters))}")
+        lines = describe_tools(self.tools) if list_tools else []
         many = "one or more calls" if self.parallel else "one call"
         lines.append(f'To call tools, reply with only {{"{CALLS_KEY}": [{{"name": <tool name>, '
                      f'"arguments": <arguments>}}]}} ({many}).')
@@ -188,6 +205,16 @@ class ToolUse:
         except (ValueError, TypeError, IndexError):  # not the constrained shape at all
             pass
         return ToolReply(content=text)
+
+
+def describe_tools(tools: Sequence[FunctionTool]) -> list[str]:
+    """The tools in words, a line each after a heading: names, descriptions, parameters."""
+    lines = ["You can call these tools:"]
+    for t in tools:
+        about = f": {t.description}" if t.description else ""
+        parameters = json.dumps(object_parameters(t.parameters))
+        lines.append(f"- {t.name}{about} Arguments (JSON schema): {parameters}")
+    return lines
 
 
 def call_message_json(calls: Sequence[tuple[str, Any]]) -> str:

@@ -1,50 +1,22 @@
-"""JSON schemas for constrained replies: tool calls, plain answers beside them, structured output.
+"""JSON schemas for structured output, and the system text that goes with a constrained reply.
 
 The service enforces a JSON schema while sampling (``SamplingConfig.json_schema``), so a
-constrained reply always follows its schema. The shapes a framework integration asks for:
-
-- a tool call: ``{"name": "<tool>", "arguments": {<the tool's parameters>}}``
-  (``tool_call_schema``), one tool call per reply;
-- an answer instead of a call, where the model may choose: ``{"answer": "<text>"}``
-  (``answer_schema``);
-- structured output: the schema of a pydantic class (or any type pydantic can describe), a
-  JSON schema, or OpenAI's ``response_format`` (``response_format_schema``).
-
-A tool's parameters sit inside the reply's schema, so local references (``$ref`` to
-``$defs``) in them are inlined first: they would no longer point at the root.
+constrained reply always follows its schema. Structured output asks for the schema of a
+pydantic class (or any type pydantic can describe), a JSON schema, or OpenAI's
+``response_format`` (``response_format_schema``). Tool calls are constrained replies too, in
+the one envelope every face uses: ``parrot.tool_calls``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
-from parrot.tool_calls import call_schema
-
-ANSWER_KEY = "answer"
 # Keys that make a mapping a JSON schema rather than an OpenAI wrapper around one.
 _SCHEMA_KEYS = ("type", "properties", "anyOf", "oneOf", "allOf", "$ref", "enum", "const", "items")
 _JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
-
-
-def tool_call_schema(name: str, parameters: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A call of the tool ``name``: ``{"name": name, "arguments": {...}}``."""
-    return call_schema(name, parameters)
-
-
-def answer_schema() -> dict[str, Any]:
-    """A plain answer where a tool call could stand: ``{"answer": "<text>"}``."""
-    return {"type": "object", "properties": {ANSWER_KEY: {"type": "string"}}, "required": [ANSWER_KEY],
-            "additionalProperties": False}
-
-
-def one_of(options: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """A reply that follows one of ``options``."""
-    if not options:
-        raise ValueError("a reply needs at least one shape")
-    return options[0] if len(options) == 1 else {"anyOf": list(options)}
 
 
 def type_schema(tp: type) -> dict[str, Any]:

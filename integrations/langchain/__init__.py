@@ -49,21 +49,22 @@ Messages: text only (images, audio, files are refused). ``system``, ``human``, `
 Tool calling (``bind_tools``) and structured output (``with_structured_output``) use
 JSON-schema constrained decoding, so replies are always well-formed:
 
-- ``tool_choice`` ``"any"`` / ``"required"`` / ``True``: the reply is a call of one of the
-  tools; a tool's name: a call of that tool; ``"auto"`` / ``None``: a call, or a text
-  answer (the reply is constrained to either ``{"name", "arguments"}`` or
-  ``{"answer": "<text>"}``, and the model picks); ``"none"``: plain text.
+- ``tool_choice`` ``"any"`` / ``"required"`` / ``True``: the reply calls one or more of the
+  tools; a tool's name: a call of that tool; ``"auto"`` / ``None``: calls, or a text answer
+  (the reply is constrained to either ``{"tool_calls": [{"name", "arguments"}, ...]}`` or
+  ``{"content": "<text>"}``, and the model picks); ``"none"``: plain text. The envelope is
+  ``parrot.tool_calls``, the one the OpenAI routes use too.
 - The tools are described to the model in a system message (the schema the sampler
-  enforces is invisible to it); the format is ``{"name": ..., "arguments": {...}}``.
-- One tool call per reply (``parallel_tool_calls=True`` is refused); with tools bound, a
-  stream yields the whole reply as one chunk once it is complete.
+  enforces is invisible to it).
+- One tool call per reply unless ``bind_tools(..., parallel_tool_calls=True)``; with tools
+  bound, a stream yields the whole reply as one chunk once it is complete.
 - A reply cut short by ``max_tokens`` or a stop string is an ``invalid_tool_calls`` entry
   (or, for an answer, the text so far), never an exception.
 - ``with_structured_output(schema, method=...)``: ``"json_schema"`` (default: the reply
   follows the schema), ``"function_calling"`` (a forced tool call), ``"json_mode"`` (any JSON
   object); pydantic classes (v1 or v2), TypedDicts and JSON schemas; ``include_raw``.
 
-Not supported: images and other non-text inputs, parallel tool calls, logprobs, ``n`` > 1,
+Not supported: images and other non-text inputs, logprobs, ``n`` > 1,
 choosing a model other than the service's default per call.
 """
 

@@ -37,7 +37,7 @@ from parrot.integrations.langchain import batching
 from parrot.integrations.langchain.auto import tracker
 from parrot.integrations.langchain.base import ParrotModelFields
 from parrot.integrations.langchain.constrained import (
-    ToolUse,
+    bound_tool_use,
     output_json_schema,
     response_format_schema,
     tool_definitions,
@@ -48,6 +48,7 @@ from parrot.integrations.langchain.messages import TextSplitter, to_chat_message
 from parrot.integrations.langchain.replies import achunks, ai_message, chunks, last_chunk
 from parrot.schemas import SamplingConfig
 from parrot.sdk import PreparedCall
+from parrot.tool_calls import ToolUse
 
 StructuredMethod = Literal["json_schema", "function_calling", "json_mode"]
 
@@ -112,16 +113,15 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
         """The call an invocation makes; per-call keywords override the fields.
 
         Keywords: ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``,
-        ``top_k``, ``seed``, ``model``, ``tools`` / ``tool_choice`` (as ``bind_tools`` binds
-        them), ``json_schema`` or OpenAI's ``response_format``. Anything else is a ``ValueError``.
+        ``top_k``, ``seed``, ``model``, ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (as
+        ``bind_tools`` binds them), ``json_schema`` or OpenAI's ``response_format``. Anything else is
+        a ``ValueError``.
         """
         kwargs = dict(kwargs)
         overrides = self.take_sampling_overrides(kwargs)
         model = kwargs.pop("model", None)
         tools, tool_choice = kwargs.pop("tools", None), kwargs.pop("tool_choice", None)
-        if kwargs.pop("parallel_tool_calls", None):
-            raise ValueError("a Parrot chat model makes one tool call per reply; parallel_tool_calls=True "
-                             "is not supported")
+        parallel_tool_calls = kwargs.pop("parallel_tool_calls", None)
         schema = kwargs.pop("json_schema", None)
         if "response_format" in kwargs:
             if schema is not None:
@@ -131,7 +131,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
             raise ValueError(f"unsupported parameters for {type(self).__name__}: {', '.join(sorted(kwargs))}")
         if not tools and tool_choice not in (None, False, "auto", "none"):
             raise ValueError(f"tool_choice {tool_choice!r} needs tools: bind them with bind_tools")
-        tool_use = ToolUse.of(tools, tool_choice) if tools else None
+        tool_use = bound_tool_use(tools, tool_choice, parallel_tool_calls) if tools else None
         chat = to_chat_messages(messages, split=split)
         if tool_use is not None:
             if schema is not None:
@@ -363,16 +363,15 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
                    tool_choice: dict | str | bool | None = None, strict: bool | None = None,
                    parallel_tool_calls: bool | None = None,
                    **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
-        """Bind tools; replies are constrained to a call of one of them (see ``tool_choice`` in
+        """Bind tools; replies are constrained to calls of them (see ``tool_choice`` in
         ``parrot.integrations.langchain``). Arguments always follow the tool's schema, so
-        ``strict`` changes nothing; ``parallel_tool_calls=True`` is not supported."""
-        if parallel_tool_calls:
-            raise ValueError("a Parrot chat model makes one tool call per reply; parallel_tool_calls=True "
-                             "is not supported")
+        ``strict`` changes nothing. One call per reply unless ``parallel_tool_calls=True``."""
         definitions = tool_definitions(tools)
-        ToolUse.of(definitions, tool_choice)  # refuse a bad tool_choice now, not at the first call
+        bound_tool_use(definitions, tool_choice)  # refuse a bad tool_choice now, not at the first call
         if tool_choice is not None:
             kwargs["tool_choice"] = tool_choice
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
         return self.bind(tools=definitions, **kwargs)
 
     def with_structured_output(self, schema: dict[str, Any] | type | None = None, *,

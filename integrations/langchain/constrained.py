@@ -4,20 +4,19 @@ The service enforces a JSON schema while sampling (``SamplingConfig.json_schema`
 so a constrained reply always follows its schema and ends when the JSON is complete
 (only ``max_tokens`` or a stop string can cut it short).
 
-Tool calling: each bound tool is one shape of the reply,
-``{"name": "<tool>", "arguments": {<the tool's parameters>}}``, and ``tool_choice``
-picks the schema:
+Tool calling is ``parrot.tool_calls.ToolUse``, the design every face of Parrot shares: the
+reply is ``{"tool_calls": [{"name": "<tool>", "arguments": {...}}, ...]}``, or for
+``"auto"`` that or ``{"content": "<text>"}``. ``tool_choice`` picks the schema:
 
-- ``"any"`` / ``"required"`` / ``True``: a call of one of the tools (``anyOf`` over them);
+- ``"any"`` / ``"required"`` / ``True``: at least one call, of any of the tools;
 - a tool's name (or ``{"type": "function", "function": {"name": ...}}``): a call of that tool;
-- ``"auto"`` / ``None``: a call of one of the tools, or ``{"answer": "<text>"}``; the model
-  chooses, and an answer becomes the message's text;
+- ``"auto"`` / ``None``: calls, or a text answer; the model chooses, and an answer becomes
+  the message's text;
 - ``"none"`` / ``False``: the tools are left out; the reply is plain text.
 
-A model cannot see the schema its sampler enforces, so the tools (name, description,
-parameters) and the reply format are described in a system message: appended to the
-conversation's first system message, or a new first message. One tool call per reply;
-a tool's parameters admit no properties beyond those it declares.
+One call per reply unless ``bind_tools(..., parallel_tool_calls=True)``. The tools and the
+reply format are described in a system message (``ToolUse.instructions``): appended to the
+conversation's first system message, or a new first message.
 """
 
 from __future__ import annotations
@@ -30,21 +29,11 @@ from typing import Any
 
 from langchain_core.messages import InvalidToolCall, ToolCall
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
-from langchain_core.utils.json import parse_partial_json
-from langchain_core.utils.json_schema import dereference_refs
 
-from parrot.tool_calls import call_schema
+from parrot.tool_calls import AUTO, REQUIRED, CallStarted, ToolReplyStream, ToolUse
 
-ANSWER_KEY = "answer"
 FORCED_CHOICES = ("any", "required")
 _SCHEMA_KEYS = ("type", "properties", "anyOf", "oneOf", "allOf", "$ref", "enum", "const", "items")
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    name: str
-    description: str
-    parameters: dict[str, Any]  # a JSON schema of an object
 
 
 @dataclass
@@ -68,13 +57,13 @@ def tool_definitions(tools: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
-    """``"auto"``, ``"any"``, ``"none"`` or a tool's name; raises ``ValueError`` for anything else."""
+    """``"auto"``, ``"required"``, ``"none"`` or a tool's name; ``ValueError`` for anything else."""
     if tool_choice is None or tool_choice == "auto":
-        return "auto"
+        return AUTO
     if tool_choice is False or tool_choice == "none":
         return "none"
     if tool_choice is True or tool_choice in FORCED_CHOICES:
-        return "any"
+        return REQUIRED
     if isinstance(tool_choice, Mapping):
         name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
         if not isinstance(name, str):
@@ -89,70 +78,38 @@ def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
                      f"{{'type': 'function', 'function': {{'name': ...}}}}, not {tool_choice!r}")
 
 
-@dataclass(frozen=True)
-class ToolUse:
-    """The bound tools and the choice among them, for one invocation."""
+def bound_tool_use(tools: Sequence[Any], tool_choice: Any,
+                   parallel_tool_calls: bool | None = None) -> ToolUse | None:
+    """The tool use of an invocation, from ``bind_tools``' keywords; ``None`` when the reply is
+    plain text. Parallel calls are off unless ``parallel_tool_calls`` is true."""
+    definitions = _distinct(tool_definitions(tools))
+    choice = normalize_tool_choice(tool_choice, [d["function"]["name"] for d in definitions])
+    if not definitions or choice == "none":
+        return None
+    use = ToolUse.from_openai(definitions, choice, parallel=bool(parallel_tool_calls))
+    use.json_schema()  # a tool schema that cannot be used (a recursive $ref) fails now
+    return use
 
-    specs: list[ToolSpec]
-    choice: str  # "auto", "any" or a tool's name
 
-    @classmethod
-    def of(cls, tools: Sequence[Any], tool_choice: Any) -> ToolUse | None:
-        """From ``bind_tools``' keywords; ``None`` when the reply is plain text."""
-        specs = [_spec(d["function"]) for d in tool_definitions(tools)]
-        choice = normalize_tool_choice(tool_choice, [s.name for s in specs])
-        if not specs or choice == "none":
-            return None
-        return cls(specs, choice)
-
-    @property
-    def offered(self) -> list[ToolSpec]:
-        if self.choice in ("auto", "any"):
-            return self.specs
-        return [s for s in self.specs if s.name == self.choice]
-
-    def json_schema(self) -> dict[str, Any]:
-        options = [_call_schema(spec) for spec in self.offered]
-        if self.choice == "auto":
-            options.append({"type": "object", "properties": {ANSWER_KEY: {"type": "string"}},
-                            "required": [ANSWER_KEY], "additionalProperties": False})
-        return options[0] if len(options) == 1 else {"anyOf": options}
-
-    def instructions(self) -> str:
-        lines = ["You can call these tools:"]
-        for spec in self.specs:
-            about = f": {spec.description}" if spec.description else ""
-            lines.append(f"- {spec.name}{about} Arguments (JSON schema): {json.dumps(spec.parameters)}")
-        lines.append('To call a tool, reply with only {"name": <tool name>, "arguments": <arguments>}.')
-        if self.choice == "auto":
-            lines.append(f'To answer without a tool, reply with only {{"{ANSWER_KEY}": <your answer>}}.')
-        elif self.choice == "any":
-            lines.append("Call one of the tools.")
-        else:
-            lines.append(f"Call the tool {self.choice}.")
-        return "\n".join(lines)
-
-    def parse(self, text: str, finish_reason: str | None) -> ParsedReply:
-        """The reply as message text, tool calls, or a tool call that could not be read."""
-        try:
-            data = json.loads(text)
-        except ValueError:
-            data = None
-        if isinstance(data, dict) and isinstance(data.get("name"), str):
-            args = data.get("arguments")
-            call = ToolCall(name=data["name"], args=args if isinstance(args, dict) else {}, id=new_call_id(),
-                            type="tool_call")
-            return ParsedReply(tool_calls=[call])
-        if isinstance(data, dict) and ANSWER_KEY in data:
-            return ParsedReply(content=str(data[ANSWER_KEY]))
-        partial = _partial(text)
-        if ANSWER_KEY in partial:  # an answer cut short (finish_reason says why)
-            return ParsedReply(content=str(partial[ANSWER_KEY]))
-        name = partial.get("name")
-        error = f"the reply is not a complete tool call (finish_reason: {finish_reason})"
-        return ParsedReply(invalid_tool_calls=[InvalidToolCall(
-            name=name if isinstance(name, str) else None, args=text, id=new_call_id(), error=error,
-            type="invalid_tool_call")])
+def parse_reply(use: ToolUse, text: str, finish_reason: str | None) -> ParsedReply:
+    """The reply as message text, tool calls, or a tool call that could not be read (one cut
+    short by ``max_tokens`` or a stop string; ``finish_reason`` says which)."""
+    reply = use.parse(text)
+    calls = [ToolCall(name=c.name, args=_arguments(c.arguments), id=new_call_id(), type="tool_call")
+             for c in reply.calls]
+    if reply.content is not None and reply.content != text:  # an answer, whole or cut short
+        return ParsedReply(content=reply.content)
+    # Calls begun whose names were written: one past the complete calls is the one cut short.
+    try:
+        started = [e.name for e in ToolReplyStream().feed(text) if isinstance(e, CallStarted)]
+    except (ValueError, TypeError, IndexError):  # not the constrained shape at all
+        started = []
+    if calls and len(started) <= len(calls):
+        return ParsedReply(tool_calls=calls)
+    name = started[len(calls)] if len(started) > len(calls) else None
+    error = f"the reply is not a complete tool call (finish_reason: {finish_reason})"
+    invalid = InvalidToolCall(name=name, args=text, id=new_call_id(), error=error, type="invalid_tool_call")
+    return ParsedReply(tool_calls=calls, invalid_tool_calls=[invalid])
 
 
 def output_json_schema(schema: Any) -> dict[str, Any]:
@@ -188,26 +145,28 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def _spec(function: Mapping[str, Any]) -> ToolSpec:
-    parameters = dict(function.get("parameters") or {})
-    if "$defs" in parameters or "definitions" in parameters:
-        parameters = dereference_refs(parameters)
-        parameters.pop("$defs", None)
-        parameters.pop("definitions", None)
-    parameters.setdefault("type", "object")
-    parameters.setdefault("properties", {})
-    parameters.setdefault("additionalProperties", False)  # a tool takes the arguments it declares
-    return ToolSpec(function["name"], function.get("description") or "", parameters)
+def _arguments(text: str) -> dict[str, Any]:
+    args = json.loads(text)  # constrained to the tool's parameters, an object
+    return args if isinstance(args, dict) else {}
 
 
-def _call_schema(spec: ToolSpec) -> dict[str, Any]:
-    # The same call shape the service's OpenAI routes constrain tool calls to.
-    return call_schema(spec.name, spec.parameters)
+def _distinct(definitions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The definitions with repeats dropped: a call names its tool, so two tools of one name must
+    be one tool. They may differ in titles only (a pydantic class and its JSON schema do), which
+    constrain nothing; otherwise ``ValueError``."""
+    kept: dict[str, dict[str, Any]] = {}
+    for definition in definitions:
+        name = definition["function"]["name"]
+        first = kept.setdefault(name, definition)
+        if first is not definition and _untitled(first["function"]) != _untitled(definition["function"]):
+            raise ValueError(f"two different tools are named {name!r}; a call names its tool, so tool "
+                             "names must be unique")
+    return list(kept.values())
 
 
-def _partial(text: str) -> dict[str, Any]:
-    try:
-        data = parse_partial_json(text)
-    except (ValueError, TypeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def _untitled(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {k: _untitled(v) for k, v in node.items() if not (k == "title" and isinstance(v, str))}
+    if isinstance(node, list):
+        return [_untitled(item) for item in node]
+    return node

@@ -4,9 +4,10 @@ The service renders a chat call's messages with the model's chat template, which
 knows the roles ``system``, ``developer``, ``user`` and ``assistant``. LangChain's
 other message kinds are written in those terms:
 
-- an ``AIMessage``'s tool calls become its text, one JSON object per call in the
-  format a constrained tool call is generated in (``{"name": ..., "arguments": ...}``),
-  so a conversation shows the model its own earlier calls as it wrote them;
+- an ``AIMessage``'s tool calls become its text, after any text it has, as the JSON a
+  constrained reply writes them in (``{"tool_calls": [{"name": ..., "arguments": ...}]}``,
+  ``parrot.tool_calls``), so a conversation shows the model its own earlier calls as it
+  wrote them;
 - a ``ToolMessage`` (or legacy ``FunctionMessage``) becomes a ``user`` message
   ``Tool <name> returned: <content>`` (``failed:`` for ``status="error"``).
 
@@ -21,7 +22,6 @@ strings and ``SemanticVariable``s, that ``parrot.chat_call.prepare_chat`` takes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +35,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
+from parrot.tool_calls import call_message_json
 from parrot.variable import SemanticVariable
 
 Part = str | SemanticVariable
@@ -58,11 +59,6 @@ def to_chat_messages(messages: Sequence[BaseMessage], *,
             entry["name"] = message.name  # a tool's name is in the text already
         out.append(entry)
     return out
-
-
-def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
-    """A tool call written as the model writes a constrained one (compact JSON, name first)."""
-    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
 
 
 def content_text(content: str | list[str | dict[str, Any]], where: str) -> str:
@@ -107,5 +103,6 @@ def _role_and_text(message: BaseMessage, index: int) -> tuple[str, str]:
 
 def _assistant_text(message: AIMessage, where: str) -> str:
     parts = [content_text(message.content, where)]
-    parts += [tool_call_text(call["name"], call["args"]) for call in message.tool_calls]
+    if message.tool_calls:
+        parts.append(call_message_json([(call["name"], call["args"]) for call in message.tool_calls]))
     return "\n".join(p for p in parts if p)

@@ -17,7 +17,8 @@ from langchain_core.messages.tool import ToolCallChunk, tool_call_chunk
 from langchain_core.outputs import ChatGenerationChunk
 
 from parrot.integrations.common.calls import CallOutcome
-from parrot.integrations.langchain.constrained import ToolUse
+from parrot.integrations.langchain.constrained import parse_reply
+from parrot.tool_calls import ToolUse
 
 
 def usage_metadata(result: CallOutcome) -> UsageMetadata:
@@ -31,7 +32,7 @@ def ai_message(result: CallOutcome, model_name: str, tools: ToolUse | None) -> A
     usage, metadata = usage_metadata(result), _metadata(result, model_name)
     if tools is None:
         return AIMessage(content=result.text, usage_metadata=usage, response_metadata=metadata)
-    reply = tools.parse(result.text, result.finish_reason)
+    reply = parse_reply(tools, result.text, result.finish_reason)
     return AIMessage(content=reply.content, tool_calls=reply.tool_calls,
                      invalid_tool_calls=reply.invalid_tool_calls, usage_metadata=usage,
                      response_metadata=metadata)
@@ -43,7 +44,7 @@ def last_chunk(result: CallOutcome, model_name: str, tools: ToolUse | None, *,
     calls as chunks, which LangChain parses once the stream ends)."""
     content, calls = (result.text if whole else ""), list[ToolCallChunk]()
     if tools is not None:
-        reply = tools.parse(result.text, result.finish_reason)
+        reply = parse_reply(tools, result.text, result.finish_reason)
         content = reply.content
         calls = [tool_call_chunk(name=c["name"], args=json.dumps(c["args"], ensure_ascii=False), id=c["id"],
                                  index=i) for i, c in enumerate(reply.tool_calls)]

@@ -5,8 +5,9 @@ rendered by the service with the model's chat template exactly as ``/v1/chat/com
 renders the same messages. The service knows the roles ``system``, ``developer``, ``user`` and
 ``assistant``; SK's other contents are written in those terms, as text the model can read:
 
-- an assistant's ``FunctionCallContent`` is the JSON the model writes for a call,
-  ``{"name": "<plugin>-<function>", "arguments": {...}}`` (one line per call, after the text);
+- an assistant's ``FunctionCallContent`` items are the JSON the model writes for calls,
+  ``{"tool_calls": [{"name": "<plugin>-<function>", "arguments": {...}}, ...]}``
+  (``parrot.tool_calls``), after the text;
 - a ``FunctionResultContent`` (SK puts them in ``tool`` messages, which become ``user``
   messages) is ``Tool <plugin>-<function> returned: <result>`` (a result that is not text as JSON);
 - several text items of one message are joined with newlines (as the OpenAI routes join text
@@ -56,16 +57,18 @@ from semantic_kernel.utils.telemetry.model_diagnostics.decorators import (
 
 from parrot.chat_call import prepare_chat
 from parrot.integrations.common.calls import CallOutcome
-from parrot.integrations.common.json_schemas import ANSWER_KEY, with_instructions
+from parrot.integrations.common.json_schemas import with_instructions
 from parrot.integrations.common.placeholders import Part, Placeholders
 from parrot.integrations.semantic_kernel.connector import ParrotServiceBase, completion_usage
 from parrot.integrations.semantic_kernel.settings import (
     ParrotPromptExecutionSettings,
-    ToolUse,
     sampling_config,
+    tool_instructions,
+    tool_use,
     update_settings_from_function_choice,
 )
 from parrot.sdk import PreparedCall
+from parrot.tool_calls import ToolUse, call_message_json
 
 if sys.version_info >= (3, 12):
     from typing import override  # pragma: no cover
@@ -117,9 +120,9 @@ class ParrotChatCompletion(ParrotServiceBase, ChatCompletionClientBase):
         # starts or ends a message would have lost its whitespace there, so it does here too.
         split = None if placeholders is None else partial(placeholders.split, strip_edges=True)
         messages = chat_messages(chat_history, split)
-        tools = ToolUse.of(settings)
-        if tools is not None:
-            messages = with_instructions(messages, tools.instructions())
+        instructions = tool_instructions(settings)
+        if instructions is not None:
+            messages = with_instructions(messages, instructions)
         return prepare_chat(messages, name="chat", sampling=sampling)
 
     # -- SK's hooks ------------------------------------------------------------------------------
@@ -131,7 +134,7 @@ class ParrotChatCompletion(ParrotServiceBase, ChatCompletionClientBase):
         settings = self.parrot_settings(settings)
         result, model_name = await self.run_call(
             lambda placeholders: self.prepare_chat_call(chat_history, settings, placeholders), settings)
-        items, finish_reason = reply_contents(result, model_name, ToolUse.of(settings))
+        items, finish_reason = reply_contents(result, model_name, tool_use(settings))
         return [ChatMessageContent(role=AuthorRole.ASSISTANT, items=items, ai_model_id=model_name,
                                    finish_reason=finish_reason, inner_content=result,
                                    metadata=_metadata(result, model_name))]
@@ -142,7 +145,7 @@ class ParrotChatCompletion(ParrotServiceBase, ChatCompletionClientBase):
             self, chat_history: ChatHistory, settings: PromptExecutionSettings,
             function_invoke_attempt: int = 0) -> AsyncGenerator[list[StreamingChatMessageContent], Any]:
         settings = self.parrot_settings(settings)
-        tools = ToolUse.of(settings)
+        tools = tool_use(settings)
 
         def build(placeholders: Placeholders | None) -> PreparedCall:
             return self.prepare_chat_call(chat_history, settings, placeholders)
@@ -153,7 +156,7 @@ class ParrotChatCompletion(ParrotServiceBase, ChatCompletionClientBase):
                                                 ai_model_id=model_name,
                                                 function_invoke_attempt=function_invoke_attempt, **fields)]
 
-        if tools is not None and tools.choice != "none":  # a call is known once complete: one chunk
+        if tools is not None:  # a call is known once complete: one chunk
             result, model_name = await self.run_call(build, settings)
             items, finish_reason = reply_contents(result, model_name, tools, streaming=True)
             yield chunk(model_name, items, finish_reason=finish_reason, inner_content=result,
@@ -200,29 +203,22 @@ def chat_messages(chat_history: ChatHistory,
     return messages
 
 
-def function_call_text(name: str, arguments: Mapping[str, Any] | str | None) -> str:
-    """A function call as the model writes a constrained one (compact JSON, name first)."""
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
-            pass  # kept as the string it is: the model sees what was called
-    return json.dumps({"name": name, "arguments": arguments or {}}, ensure_ascii=False)
-
-
 def _message_text(message: ChatMessageContent, where: str) -> str:
-    texts, calls = [], []
+    texts: list[str] = []
+    calls: list[tuple[str, Mapping[str, Any] | str]] = []
     for item in message.items:
         if isinstance(item, TextContent):  # streamed text too
             texts.append(item.text)
         elif isinstance(item, FunctionCallContent):
-            calls.append(function_call_text(item.name or item.function_name, item.arguments))
+            calls.append((item.name or item.function_name, item.arguments or {}))
         elif isinstance(item, FunctionResultContent):
             texts.append(f"Tool {item.name or item.function_name} returned: {_result_text(item.result)}")
         elif not isinstance(item, _SILENT):
             raise ServiceInvalidRequestError(f"{where} has an item of type {type(item).__name__}; Parrot "
                                              "chat requests take text only")
-    return "\n".join(t for t in [*texts, *calls] if t)
+    if calls:  # as the model writes them: one object after the text
+        texts.append(call_message_json(calls))
+    return "\n".join(t for t in texts if t)
 
 
 def _result_text(result: Any) -> str:
@@ -235,11 +231,13 @@ def _result_text(result: Any) -> str:
 
 
 def reply_contents(result: CallOutcome, model_name: str, tools: ToolUse | None, *,
-                 streaming: bool = False) -> tuple[list[Any], FinishReason | None]:
-    """The reply's contents: its text, or with tools offered the function call (or answer) it holds.
+                   streaming: bool = False) -> tuple[list[Any], FinishReason | None]:
+    """The reply's contents: its text, or with tools constraining it the function call (or
+    answer) it holds (``ToolUse.parse``).
 
     A reply that is no complete call or answer (cut by ``max_tokens`` or a stop string;
-    ``finish_reason`` says which) is returned as the text it is.
+    ``finish_reason`` says which) is returned as the text it is; an answer cut short, as the
+    text it got to.
     """
     def text(value: str) -> list[Any]:
         if not value:
@@ -247,29 +245,14 @@ def reply_contents(result: CallOutcome, model_name: str, tools: ToolUse | None, 
         return [StreamingTextContent(choice_index=0, text=value, ai_model_id=model_name) if streaming
                 else TextContent(text=value, ai_model_id=model_name)]
 
-    if tools is None or tools.choice == "none":
+    if tools is None:
         return text(result.text), _finish_reason(result)
-    data = _json_object(result.text)
-    if data is not None and data.get("name") in tools.names:
-        arguments = data.get("arguments")
-        arguments = json.dumps(arguments if isinstance(arguments, dict) else {}, ensure_ascii=False)
-        call = FunctionCallContent(id=f"call_{uuid.uuid4().hex[:24]}", name=data["name"], arguments=arguments,
-                                   ai_model_id=model_name)
-        return [call], FinishReason.TOOL_CALLS
-    if data is not None and ANSWER_KEY in data:
-        return text(str(data[ANSWER_KEY])), _finish_reason(result)
-    cut = _json_object(result.text + '"}')  # an answer cut short mid-string
-    if cut is not None and isinstance(cut.get(ANSWER_KEY), str):
-        return text(cut[ANSWER_KEY]), _finish_reason(result)
-    return text(result.text), _finish_reason(result)
-
-
-def _json_object(text: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
+    reply = tools.parse(result.text)
+    if reply.calls:
+        calls = [FunctionCallContent(id=f"call_{uuid.uuid4().hex[:24]}", name=c.name, arguments=c.arguments,
+                                     ai_model_id=model_name) for c in reply.calls]
+        return calls, FinishReason.TOOL_CALLS
+    return text(reply.content or ""), _finish_reason(result)
 
 
 def _finish_reason(result: CallOutcome) -> FinishReason | None:

@@ -2,25 +2,24 @@
 
 Sampling is greedy unless ``temperature`` says otherwise (Parrot's default, so runs repeat).
 Structured output (``response_format``) and function calling are constrained decoding: the
-service samples only replies that follow a JSON schema (see
-``parrot.integrations.common.json_schemas``).
+service samples only replies that follow a JSON schema (``parrot.tool_calls`` for tools,
+``parrot.integrations.common.json_schemas`` for ``response_format``).
 
 Function calling: SK's function-choice configuration fills ``tools`` (the kernel functions
 offered, in OpenAI's function format, named ``plugin-function``) and ``tool_choice``:
 
 - ``"auto"`` (``FunctionChoiceBehavior.Auto()``): the reply is a call of one of the tools,
-  ``{"name": ..., "arguments": {...}}``, or an answer, ``{"answer": "<text>"}``;
+  ``{"tool_calls": [{"name": ..., "arguments": {...}}]}``, or an answer,
+  ``{"content": "<text>"}`` (``parrot.tool_calls.ToolUse``, the envelope every face uses);
 - ``"required"`` (``Required()``): a call of one of the tools;
 - ``"none"`` (``NoneInvoke()``): the tools are described, the reply is plain text.
 
 A model cannot see the schema its sampler enforces, so the tools and the reply format are
-described to it in a system message (``ToolUse.instructions``). One call per reply.
+described to it in a system message (``tool_instructions``). One call per reply.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -32,15 +31,9 @@ from semantic_kernel.connectors.ai.function_choice_type import FunctionChoiceTyp
 from semantic_kernel.connectors.ai.prompt_execution_settings import PromptExecutionSettings
 from semantic_kernel.exceptions import ServiceInvalidExecutionSettingsError
 
-from parrot.integrations.common.json_schemas import (
-    ANSWER_KEY,
-    answer_schema,
-    one_of,
-    response_format_schema,
-    tool_call_schema,
-)
+from parrot.integrations.common.json_schemas import response_format_schema
 from parrot.schemas import SamplingConfig
-from parrot.tool_calls import object_parameters
+from parrot.tool_calls import FunctionTool, ToolUse, describe_tools
 
 ToolChoice = Literal["auto", "required", "none"]
 SET_BY_CONNECTOR = "Do not set this: the connector sets it from the function choice behavior."
@@ -90,49 +83,29 @@ def update_settings_from_function_choice(configuration: FunctionCallChoiceConfig
         settings.tool_choice = choice.value
 
 
-@dataclass(frozen=True)
-class ToolUse:
-    """The tools a request offers and the choice among them."""
+def tool_use(settings: ParrotPromptExecutionSettings) -> ToolUse | None:
+    """The tools that constrain the reply (``"auto"`` or ``"required"``); ``None`` when the
+    reply is plain text. One call per reply. ``ServiceInvalidExecutionSettingsError`` for tools
+    that cannot be used."""
+    if not settings.tools or settings.tool_choice in (None, "none"):
+        return None
+    try:
+        return ToolUse.from_openai(settings.tools, settings.tool_choice, parallel=False)
+    except ValueError as exc:
+        raise ServiceInvalidExecutionSettingsError(f"invalid tools for a Parrot request: {exc}") from exc
 
-    tools: list[dict[str, Any]]  # OpenAI's function format
-    choice: ToolChoice
 
-    @classmethod
-    def of(cls, settings: ParrotPromptExecutionSettings) -> ToolUse | None:
-        if not settings.tools or settings.tool_choice is None:
-            return None
-        return cls(settings.tools, settings.tool_choice)
-
-    @property
-    def names(self) -> list[str]:
-        return [t["function"]["name"] for t in self.tools]
-
-    def json_schema(self) -> dict[str, Any] | None:
-        """The reply's schema; ``None`` for ``"none"`` (plain text)."""
-        if self.choice == "none":
-            return None
-        options = [tool_call_schema(t["function"]["name"], t["function"].get("parameters"))
-                   for t in self.tools]
-        if self.choice == "auto":
-            options.append(answer_schema())
-        return one_of(options)
-
-    def instructions(self) -> str:
-        lines = ["You can call these tools:"]
-        for tool in self.tools:
-            function = tool["function"]
-            about = f": {function['description']}" if function.get("description") else ""
-            parameters = json.dumps(object_parameters(function.get("parameters")), ensure_ascii=False)
-            lines.append(f"- {function['name']}{about} Arguments (JSON schema): {parameters}")
-        if self.choice == "none":
-            lines.append("Do not call a tool now: answer in plain text.")
-            return "\n".join(lines)
-        lines.append('To call a tool, reply with only {"name": <tool name>, "arguments": <arguments>}.')
-        if self.choice == "auto":
-            lines.append(f'To answer without a tool, reply with only {{"{ANSWER_KEY}": <your answer>}}.')
-        else:
-            lines.append("Call one of the tools.")
-        return "\n".join(lines)
+def tool_instructions(settings: ParrotPromptExecutionSettings) -> str | None:
+    """The tools and the reply format in words, for the system message; ``None`` without tools.
+    With ``"none"`` the tools are described and the model told to answer in plain text."""
+    if not settings.tools or settings.tool_choice is None:
+        return None
+    if settings.tool_choice == "none":
+        tools = [FunctionTool.from_openai(t) for t in settings.tools]
+        return "\n".join([*describe_tools(tools), "Do not call a tool now: answer in plain text."])
+    use = tool_use(settings)
+    assert use is not None  # tools offered with a choice that constrains the reply
+    return use.instructions()
 
 
 def check_supported(settings: ParrotPromptExecutionSettings) -> None:
@@ -150,8 +123,7 @@ def check_supported(settings: ParrotPromptExecutionSettings) -> None:
             raise ServiceInvalidExecutionSettingsError(
                 f"{key}={value!r} is not supported: a Parrot connector makes one reply, with at most one "
                 "tool call, per request")
-    tools = ToolUse.of(settings)
-    if tools is not None and tools.choice != "none" and settings.response_format is not None:
+    if settings.tools and settings.tool_choice not in (None, "none") and settings.response_format is not None:
         raise ServiceInvalidExecutionSettingsError(
             "function calling and response_format cannot be combined in one Parrot request: both constrain "
             "the reply; use one of them")
@@ -166,9 +138,9 @@ def sampling_config(settings: ParrotPromptExecutionSettings) -> SamplingConfig:
         fields["max_tokens"] = settings.extension_data.get("max_completion_tokens")
     stop = settings.stop
     fields["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
-    tools = ToolUse.of(settings)
     try:
-        fields["json_schema"] = (tools.json_schema() if tools is not None and tools.choice != "none"
+        tools = tool_use(settings)
+        fields["json_schema"] = (tools.json_schema() if tools is not None
                                  else response_format_schema(settings.response_format))
         return SamplingConfig.model_validate({k: v for k, v in fields.items() if v is not None})
     except (ValueError, ValidationError) as exc:  # pydantic's ValidationError is a ValueError

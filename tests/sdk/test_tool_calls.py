@@ -44,6 +44,24 @@ def test_bad_tool_use_is_a_value_error():
         object_parameters({"$ref": "#/$defs/a", "$defs": {"a": {"properties": {"x": {"$ref": "#/$defs/a"}}}}})
 
 
+def test_tools_in_openai_function_format():
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                                "parameters": dict(WEATHER.parameters or {})}}
+    use = ToolUse.from_openai([weather, {"name": "get_time"}], "required", parallel=False)
+    assert use.tools == (WEATHER, TIME)
+    assert use == ToolUse((WEATHER, TIME), "required", parallel=False)
+    text = use.instructions()
+    assert text.startswith("You can call these tools:\n- get_weather: Weather Arguments (JSON schema): ")
+    assert text.endswith("(one call).\nYou must call a tool.")
+    assert use.instructions(list_tools=False).startswith('To call tools, reply with only {"tool_calls"')
+    with pytest.raises(ValueError, match="not a function tool"):
+        FunctionTool.from_openai({"type": "file_search"})
+    with pytest.raises(ValueError, match="has no name"):
+        FunctionTool.from_openai({"type": "function", "function": {"description": "?"}})
+    with pytest.raises(ValueError, match="must be a JSON schema object"):
+        FunctionTool.from_openai({"name": "f", "parameters": "x"})
+
+
 def test_refs_are_inlined_and_only_root_definitions_dropped():
     params = {"type": "object", "properties": {"definitions": {"type": "string"}, "p": {"$ref": "#/$defs/P"}},
               "$defs": {"P": {"type": "integer"}}}

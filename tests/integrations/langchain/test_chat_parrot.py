@@ -223,7 +223,7 @@ def test_a_forced_tool_call_follows_the_tools_schema(service):
     assert system["role"] == "system"
     assert "magic_function: Apply a magic function" in system["content"][0]["text"]
     schema = decl["output"]["sampling"]["json_schema"]
-    assert schema["properties"]["name"] == {"const": "set_level"}
+    assert schema["properties"]["tool_calls"]["items"]["properties"]["name"] == {"const": "set_level"}
     # Streaming gives the same call, whole, in one chunk.
     [chunk] = [c for c in model.stream("Turn it up.") if c.tool_calls or c.content]
     assert [(c["name"], c["args"]) for c in chunk.tool_calls] == [(call["name"], call["args"])]
@@ -241,8 +241,8 @@ def test_tool_choice_any_auto_and_none(service):
     assert none_reply.content and not none_reply.tool_calls
     any_schema, auto_schema = (g["calls"][0]["output"]["sampling"]["json_schema"]
                                for g in graphs(service)[:2])
-    assert len(any_schema["anyOf"]) == 2
-    assert auto_schema["anyOf"][-1]["required"] == ["answer"]
+    assert len(any_schema["properties"]["tool_calls"]["items"]["anyOf"]) == 2
+    assert auto_schema["anyOf"][-1]["required"] == ["content"]
     assert "json_schema" not in graphs(service)[2]["calls"][0]["output"]["sampling"]
 
 
@@ -263,16 +263,36 @@ def test_tool_call_histories_are_sent_as_text(service):
     messages = graphs(service)[0]["calls"][0]["messages"]
     texts = [(m["role"], m["content"][0]["text"]) for m in messages[1:]]
     assert texts == [("user", "What is magic_function(3)?"),
-                     ("assistant", '{"name": "magic_function", "arguments": {"input": 3}}'),
+                     ("assistant", '{"tool_calls": [{"name": "magic_function", "arguments": {"input": 3}}]}'),
                      ("user", "Tool magic_function returned: 5")]
+
+
+def test_parallel_tool_calls_allow_several_calls_in_one_reply(service):
+    model = chat(service, max_tokens=96).bind_tools([pick_size, set_level], tool_choice="any",
+                                                    parallel_tool_calls=True)
+    reply = model.invoke("Pick a size and set the level.")
+    # The tiny model (greedy, so every run) writes several calls and ends the JSON itself.
+    assert len(reply.tool_calls) >= 2 and not reply.invalid_tool_calls
+    assert reply.response_metadata["finish_reason"] == "stop"
+    assert all(c["name"] in ("pick_size", "set_level") for c in reply.tool_calls)
+    assert len({c["id"] for c in reply.tool_calls}) == len(reply.tool_calls)
+    streamed = joined(list(model.stream("Pick a size and set the level.")))
+    assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [(c["name"], c["args"])
+                                                                     for c in reply.tool_calls]
+    calls = graphs(service)[0]["calls"][0]["output"]["sampling"]["json_schema"]["properties"]["tool_calls"]
+    assert calls["minItems"] == 1 and "maxItems" not in calls
+    # Off (the default, or False): at most one call.
+    for off in ({}, {"parallel_tool_calls": False}):
+        chat(service, max_tokens=32).bind_tools([pick_size], tool_choice="any", **off).invoke("Hi")
+    for graph in graphs(service)[2:]:
+        schema = graph["calls"][0]["output"]["sampling"]["json_schema"]
+        assert schema["properties"]["tool_calls"]["maxItems"] == 1
 
 
 def test_bad_tool_arguments_are_clear_errors(service):
     model = chat(service)
     with pytest.raises(ValueError, match="'nope' is not one of the bound tools"):
         model.bind_tools([magic_function], tool_choice="nope")
-    with pytest.raises(ValueError, match="parallel_tool_calls"):
-        model.bind_tools([magic_function], parallel_tool_calls=True)
     with pytest.raises(ValueError, match="needs tools"):
         model.invoke("Hi", tool_choice="any")
 

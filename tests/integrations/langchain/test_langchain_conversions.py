@@ -21,7 +21,12 @@ from typing_extensions import TypedDict
 import parrot as P
 from parrot.chat_call import prepare_chat
 from parrot.integrations.common.json_schemas import with_instructions
-from parrot.integrations.langchain.constrained import ToolUse, output_json_schema, response_format_schema
+from parrot.integrations.langchain.constrained import (
+    bound_tool_use,
+    output_json_schema,
+    parse_reply,
+    response_format_schema,
+)
 from parrot.integrations.langchain.messages import to_chat_messages
 from parrot.schemas import InputSegment
 
@@ -58,7 +63,8 @@ def test_every_message_kind_becomes_a_chat_template_role():
     assert texts(to_chat_messages(messages)) == [
         ("system", "Be brief.", None),
         ("user", "Hi\nthere", "ann"),
-        ("assistant", 'Let me check.\n{"name": "lookup", "arguments": {"city": "Oslo"}}', None),
+        ("assistant",
+         'Let me check.\n{"tool_calls": [{"name": "lookup", "arguments": {"city": "Oslo"}}]}', None),
         ("user", "Tool lookup returned: sunny", None),
         ("user", "Tool c2 failed: timeout", None),
         ("user", "Tool answer returned: 42", None),
@@ -90,34 +96,78 @@ def test_split_puts_variables_into_the_messages():
     assert call.inputs == [doc]
 
 
+def calls_schema(schema):
+    """The schema of a reply's calls (``tool_calls``), from a required or an auto reply schema."""
+    return (schema["anyOf"][0] if "anyOf" in schema else schema)["properties"]["tool_calls"]
+
+
 def test_tool_choices_make_the_reply_schema():
-    forced = ToolUse.of([lookup, ping], "lookup")
-    schema = forced.json_schema()
-    assert schema["properties"]["name"] == {"const": "lookup"}
-    assert schema["properties"]["arguments"]["additionalProperties"] is False
-    assert list(schema["properties"]) == ["name", "arguments"]  # the name is written first
-    options = ToolUse.of([lookup, ping], "any").json_schema()["anyOf"]
+    forced = bound_tool_use([lookup, ping], "lookup")
+    calls = calls_schema(forced.json_schema())
+    assert (calls["minItems"], calls["maxItems"]) == (1, 1)  # one call per reply unless parallel
+    call = calls["items"]
+    assert call["properties"]["name"] == {"const": "lookup"}
+    assert call["properties"]["arguments"]["additionalProperties"] is False
+    assert list(call["properties"]) == ["name", "arguments"]  # the name is written first
+    options = calls_schema(bound_tool_use([lookup, ping], "any").json_schema())["items"]["anyOf"]
     assert [o["properties"]["name"]["const"] for o in options] == ["lookup", "ping"]
-    auto = ToolUse.of([lookup], None).json_schema()
-    assert [list(o["properties"]) for o in auto["anyOf"]] == [["name", "arguments"], ["answer"]]
-    assert ToolUse.of([lookup], "none") is None
-    assert ToolUse.of([lookup], {"type": "function", "function": {"name": "lookup"}}).choice == "lookup"
-    assert ToolUse.of([lookup], True).choice == "any"
+    auto = bound_tool_use([lookup], None).json_schema()
+    assert [list(o["properties"]) for o in auto["anyOf"]] == [["tool_calls"], ["content"]]
+    assert bound_tool_use([lookup], "none") is None
+    assert bound_tool_use([lookup], {"type": "function", "function": {"name": "lookup"}}).choice == "lookup"
+    assert bound_tool_use([lookup], True).choice == "required"
+    parallel = calls_schema(bound_tool_use([lookup, ping], "any", parallel_tool_calls=True).json_schema())
+    assert parallel["minItems"] == 1 and "maxItems" not in parallel
     with pytest.raises(ValueError, match="'nope' is not one of the bound tools"):
-        ToolUse.of([lookup], "nope")
-    text = ToolUse.of([lookup, ping], "any").instructions()
-    assert "lookup: Look up the weather." in text and "Call one of the tools." in text
+        bound_tool_use([lookup], "nope")
+    text = bound_tool_use([lookup, ping], "any").instructions()
+    assert "lookup: Look up the weather." in text and "You must call a tool." in text
+    assert "(one call)" in text
+    assert "(one or more calls)" in bound_tool_use([lookup], "any", True).instructions()
+
+
+def test_tools_of_one_name_must_be_one_tool():
+    class Person(BaseModel):
+        """A person."""
+
+        name: str
+
+    # A pydantic class and its JSON schema differ in titles only: one tool.
+    use = bound_tool_use([Person, Person.model_json_schema()], "any")
+    assert [t.name for t in use.tools] == ["Person"]
+    other = {"title": "Person", "description": "A person.", "type": "object",
+             "properties": {"age": {"type": "integer"}}}
+    with pytest.raises(ValueError, match="two different tools are named 'Person'"):
+        bound_tool_use([Person, other], "any")
 
 
 def test_replies_parse_into_tool_calls_answers_or_invalid_calls():
-    use = ToolUse.of([lookup], "auto")
-    [call] = use.parse('{"name": "lookup", "arguments": {"city": "Oslo"}}', "stop").tool_calls
+    use = bound_tool_use([lookup], "auto")
+    whole = '{"tool_calls": [{"name": "lookup", "arguments": {"city": "Oslo"}}]}'
+    [call] = parse_reply(use, whole, "stop").tool_calls
     assert (call["name"], call["args"], call["id"].startswith("call_")) == ("lookup", {"city": "Oslo"}, True)
-    assert use.parse('{"answer": "It is sunny."}', "stop").content == "It is sunny."
-    assert use.parse('{"answer": "It is su', "length").content == "It is su"  # cut short: the text so far
-    [invalid] = use.parse('{"name": "lookup", "arguments": {"ci', "length").invalid_tool_calls
+    assert parse_reply(use, '{"content": "It is sunny."}', "stop").content == "It is sunny."
+    # Cut short: the text so far.
+    assert parse_reply(use, '{"content": "It is su', "length").content == "It is su"
+    cut = '{"tool_calls": [{"name": "lookup", "arguments": {"ci'
+    reply = parse_reply(use, cut, "length")
+    [invalid] = reply.invalid_tool_calls
+    assert not reply.tool_calls and not reply.content
     assert invalid["name"] == "lookup" and "finish_reason: length" in invalid["error"]
-    assert json.loads(json.dumps(invalid["args"])) == '{"name": "lookup", "arguments": {"ci'
+    assert json.loads(json.dumps(invalid["args"])) == cut
+    [nameless] = parse_reply(use, '{"tool_c', "length").invalid_tool_calls
+    assert nameless["name"] is None
+    # Parallel calls: the complete ones are kept, the one cut short is invalid.
+    both = bound_tool_use([lookup, ping], "any", parallel_tool_calls=True)
+    text = '{"tool_calls": [{"name": "ping", "arguments": {}}, {"name": "lookup", "arguments": {"city": "O'
+    reply = parse_reply(both, text, "length")
+    assert [(c["name"], c["args"]) for c in reply.tool_calls] == [("ping", {})]
+    assert [c["name"] for c in reply.invalid_tool_calls] == ["lookup"]
+    text = ('{"tool_calls": [{"name": "ping", "arguments": {}}, '
+            '{"name": "lookup", "arguments": {"city": "Oslo"}}]}')
+    reply = parse_reply(both, text, "stop")
+    assert [(c["name"], c["args"]) for c in reply.tool_calls] == [("ping", {}), ("lookup", {"city": "Oslo"})]
+    assert not reply.invalid_tool_calls and len({c["id"] for c in reply.tool_calls}) == 2
 
 
 def test_instructions_join_the_first_system_message():

@@ -44,7 +44,7 @@ from parrot.integrations.semantic_kernel import (
 from parrot.integrations.semantic_kernel.chat_completion import reply_contents
 from parrot.integrations.semantic_kernel.connector import UNKNOWN_MODEL_ID
 from parrot.integrations.semantic_kernel.scope import GraphScope, graph_scope
-from parrot.integrations.semantic_kernel.settings import ToolUse, sampling_config
+from parrot.integrations.semantic_kernel.settings import sampling_config, tool_use
 from parrot.schemas import InputSegment, OutputSegment, SamplingConfig, TextSegment
 from parrot.variable import SemanticVariable
 from tests.integrations.semantic_kernel.plugins import MagicPlugin
@@ -141,6 +141,8 @@ def test_response_format_becomes_the_json_schema(response_format: Any, schema: d
     (ParrotPromptExecutionSettings(number_of_responses=2), "number_of_responses=2"),
     (ParrotPromptExecutionSettings(response_format={"type": "xml"}), "type 'xml' is not supported"),
     (magic_tools("auto").model_copy(update={"response_format": Pet}), "function calling and response_format"),
+    (magic_tools("auto").model_copy(update={"tools": (magic_tools("auto").tools or []) * 2}),
+     "tool names must be unique"),
 ])
 def test_unsupported_settings_are_refused(settings: ParrotPromptExecutionSettings, problem: str) -> None:
     with pytest.raises(ServiceInvalidExecutionSettingsError, match=problem):
@@ -168,14 +170,19 @@ async def test_the_model_name_is_learned_from_the_service(chat: ParrotChatComple
 
 
 @pytest.mark.parametrize(("text", "finish", "expected"), [
-    ('{"name": "math-magic_function", "arguments": {"input": 3}}', "stop",
+    ('{"tool_calls": [{"name": "math-magic_function", "arguments": {"input": 3}}]}', "stop",
      (("math", "magic_function", '{"input": 3}'), FinishReason.TOOL_CALLS)),
-    ('{"answer": "It is 5."}', "stop", ("It is 5.", FinishReason.STOP)),
-    ('{"answer": "It is', "length", ("It is", FinishReason.LENGTH)),  # cut short: what there is
-    ('{"name": "math-magic_fun', "length", ('{"name": "math-magic_fun', FinishReason.LENGTH)),
+    ('{"content": "It is 5."}', "stop", ("It is 5.", FinishReason.STOP)),
+    ('{"content": "It is', "length", ("It is", FinishReason.LENGTH)),  # cut short: what there is
+    ('{"tool_calls": [{"name": "math-magic_fun', "length",
+     ('{"tool_calls": [{"name": "math-magic_fun', FinishReason.LENGTH)),
+    # A name the tools do not have is no call: the text as it is.
+    ('{"tool_calls": [{"name": "math-other", "arguments": {}}]}', "stop",
+     ('{"tool_calls": [{"name": "math-other", "arguments": {}}]}', FinishReason.STOP)),
 ])
 def test_constrained_replies_become_function_calls_or_text(text: str, finish: str, expected: Any) -> None:
-    tools = ToolUse(magic_tools("auto").tools or [], "auto")
+    tools = tool_use(magic_tools("auto"))
+    assert tools is not None and tool_use(magic_tools("none")) is None
     outcome = CallOutcome(text=text, prompt_tokens=9, output_tokens=7, cached_tokens=0, finish_reason=finish)
     [item], finish_reason = reply_contents(outcome, MODEL, tools)
     if isinstance(item, FunctionCallContent):
@@ -196,7 +203,7 @@ def test_tool_calls_and_results_are_written_as_text(chat: ParrotChatCompletion) 
         FunctionResultContent(id="call_1", name="math-magic_function", result=5)]))
     call = chat.prepare_chat_call(chat_history, ParrotPromptExecutionSettings())
     assert [m.role for m in call.decl.messages] == ["system", "user", "assistant", "user"]
-    assert texts(call)[2:] == ['{"name": "math-magic_function", "arguments": {"input": 3}}',
+    assert texts(call)[2:] == ['{"tool_calls": [{"name": "math-magic_function", "arguments": {"input": 3}}]}',
                                "Tool math-magic_function returned: 5"]
 
 
@@ -210,9 +217,13 @@ def test_tools_are_described_and_constrain_the_reply(chat: ParrotChatCompletion,
         assert schema is None and system.endswith("Do not call a tool now: answer in plain text.")
         return
     shapes = schema["anyOf"] if choice == "auto" else [schema]
-    assert shapes[0]["properties"]["name"] == {"const": "math-magic_function"}
-    assert shapes[0]["properties"]["arguments"]["additionalProperties"] is False
-    assert [list(s["properties"]) for s in shapes[1:]] == ([["answer"]] if choice == "auto" else [])
+    calls = shapes[0]["properties"]["tool_calls"]
+    assert (calls["minItems"], calls["maxItems"]) == (1, 1)  # one call per reply
+    assert calls["items"]["properties"]["name"] == {"const": "math-magic_function"}
+    assert calls["items"]["properties"]["arguments"]["additionalProperties"] is False
+    assert [list(s["properties"]) for s in shapes[1:]] == ([["content"]] if choice == "auto" else [])
+    assert system.endswith("You must call a tool." if choice == "required" else
+                           'To answer without a tool, reply with only {"content": <your answer>}.')
 
 
 def test_placeholders_become_inputs(chat: ParrotChatCompletion, service_url: str) -> None:
@@ -316,7 +327,7 @@ async def test_required_function_call_runs_the_kernel_function(chat: ParrotChatC
     kernel.add_plugin(plugin, "math")
     chat_history = history(("user", "What is magic_function(3)?"))
     behavior = FunctionChoiceBehavior.Required()
-    settings = ParrotPromptExecutionSettings(max_tokens=24, function_choice_behavior=behavior)
+    settings = ParrotPromptExecutionSettings(max_tokens=48, function_choice_behavior=behavior)
     reply = await chat.get_chat_message_content(chat_history, settings, kernel=kernel)
     assert len(plugin.inputs) == 1 and isinstance(plugin.inputs[0], int)
     call, result = chat_history.messages[1].items[0], chat_history.messages[2].items[0]
@@ -330,12 +341,14 @@ async def test_streamed_auto_function_call_runs_the_kernel_function(chat: Parrot
     kernel, plugin = Kernel(), MagicPlugin()
     kernel.add_plugin(plugin, "math")
     behavior = FunctionChoiceBehavior.Auto(maximum_auto_invoke_attempts=1)
-    settings = ParrotPromptExecutionSettings(max_tokens=24, function_choice_behavior=behavior)
+    settings = ParrotPromptExecutionSettings(max_tokens=48, function_choice_behavior=behavior)
     items = []
-    chat_history = history(("user", "What is magic_function(3)?"))
+    # With this prompt the tiny model calls the function (greedy, so every run does); with others
+    # it answers, which auto allows.
+    chat_history = history(("user", "Use the tool."))
     async for batch in chat.get_streaming_chat_message_contents(chat_history, settings, kernel=kernel):
         items += [item for message in batch for item in message.items]
-    # The tiny model calls the function (greedy, so every run does); its result is streamed back.
+    # The call's result is streamed back.
     calls = [i for i in items if isinstance(i, FunctionCallContent)]
     results = [i for i in items if isinstance(i, FunctionResultContent)]
     assert len(calls) == len(results) == len(plugin.inputs) == 1
