@@ -109,6 +109,11 @@ UrlOption = Annotated[str | None, typer.Option(
     help="A running Parrot service, e.g. http://127.0.0.1:8000 [default: run the model in this process]")]
 ApiKeyOption = Annotated[str | None, typer.Option(envvar="PARROT_API_KEY", show_envvar=True,
                                                   help="The service's API key, if it needs one")]
+# generate and chat: a model at --url, or one loaded in this process.
+ClientModelOption = Annotated[str | None, typer.Option(
+    help="With --url: a model the service serves [default: its default]; without: a Hugging Face "
+         f"model folder or a .gguf file [default: {DEFAULT_MODEL}]")]
+ClientLogLevelOption = Annotated[str, typer.Option(help="Log level: critical, error, warning, info, debug")]
 MaxTokensOption = Annotated[int, typer.Option(min=1, help="Most tokens to generate")]
 TemperatureOption = Annotated[float, typer.Option(min=0.0, help="0 is greedy")]
 SeedOption = Annotated[int | None, typer.Option(help="Sampling seed")]
@@ -415,15 +420,12 @@ def generate(
     max_tokens: MaxTokensOption = 64,
     temperature: TemperatureOption = 0.0,
     seed: SeedOption = None,
-    model: Annotated[str | None, typer.Option(
-        help="With --url: a model the service serves [default: its default]; without: a Hugging Face "
-             f"model folder or a .gguf file [default: {DEFAULT_MODEL}]")] = None,
+    model: ClientModelOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     quantization: QuantizationOption = "none",
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template")] = True,
-    log_level: Annotated[str, typer.Option(help="Log level: critical, error, warning, info, debug")
-                         ] = "warning",
+    log_level: ClientLogLevelOption = "warning",
 ) -> None:
     """Generate one completion and print it as it streams: from a running service (--url, or
     PARROT_BASE_URL), else from the model loaded in this process."""
@@ -447,14 +449,11 @@ def chat_command(
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens in one reply")] = 256,
     temperature: TemperatureOption = 0.0,
     seed: SeedOption = None,
-    model: Annotated[str | None, typer.Option(
-        help="With --url: a model the service serves [default: its default]; without: a Hugging Face "
-             f"model folder or a .gguf file [default: {DEFAULT_MODEL}]")] = None,
+    model: ClientModelOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     quantization: QuantizationOption = "none",
-    log_level: Annotated[str, typer.Option(help="Log level: critical, error, warning, info, debug")
-                         ] = "warning",
+    log_level: ClientLogLevelOption = "warning",
 ) -> None:
     """Chat with a model: each line you type is a message, the reply streams, the conversation is
     kept. /exit or end of input (Ctrl-D) ends it, /clear starts over. Uses a running service
