@@ -626,9 +626,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-requests", type=int, help="default 32 (8 with --quick)")
     parser.add_argument("--new-tokens", type=int, help="default 64 (16 with --quick)")
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    parser.add_argument("--quantization", default="none",
-                        help="the builtin engine's weights: none (exact), auto or gguf (the GGUF's "
-                             "4-bit blocks), int4wo, int8wo")
+    parser.add_argument("--quantization", default="auto",
+                        help="the builtin engine's weights: auto (its default: the GGUF's own blocks), "
+                             "none (de-quantized float), gguf, int4wo, int8wo")
     parser.add_argument("--hf-cb-max-requests", type=int, default=8,
                         help="hf-cb: max requests per batch (0: all, transformers' default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 requests x 16 tokens")

@@ -100,9 +100,9 @@ AttentionOption = Annotated[str, typer.Option(
     "--attention-backend", help="Decode attention: torch, triton (Triton kernels; needs CUDA), or auto "
                                 "(torch until the Triton kernels are verified on GPUs)")]
 QuantizationOption = Annotated[str, typer.Option(
-    help="Weights of the matmuls: none (de-quantized, exact), auto (a GGUF model's own 4-bit blocks "
-         "on CPU, anything else as it is), gguf, int4wo[-32|-64|-128|-256] or int8wo (weight-only, "
-         "quantized at load)")]
+    help="Weights of the matmuls: auto (a GGUF model's own 4- and 8-bit blocks on CPU, anything else "
+         "as it is), none (de-quantized float matrices), gguf, int4wo[-32|-64|-128|-256] or int8wo "
+         "(weight-only, quantized at load)")]
 PortOption = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on")]
 UrlOption = Annotated[str | None, typer.Option(
     envvar="PARROT_BASE_URL", show_envvar=True,
@@ -123,7 +123,7 @@ def engine_config(model: str | None, device: str = "auto", dtype: str = "auto",
                   kv_cache_gib: float = DEFAULT_KV_CACHE_GIB, max_running: int = DEFAULT_MAX_RUNNING,
                   latency_step_tokens: int = DEFAULT_LATENCY_STEP_TOKENS,
                   prefix_caching: bool = True, attention_backend: str = "auto",
-                  quantization: str = "none") -> BuiltinEngineConfig:
+                  quantization: str = "auto") -> BuiltinEngineConfig:
     """The builtin engine's config from command-line options, each checked first (OptionError)."""
     cli_checks.check_model(model)
     cli_checks.check_quantization(quantization)
@@ -176,7 +176,7 @@ def serve(
     latency_step_tokens: LatencyStepOption = DEFAULT_LATENCY_STEP_TOKENS,
     prefix_caching: PrefixCachingOption = True,
     attention_backend: AttentionOption = "auto",
-    quantization: QuantizationOption = "none",
+    quantization: QuantizationOption = "auto",
     threads: ThreadsOption = None,
     engine: Annotated[list[str] | None, typer.Option(
         "--engine", help="An engine server behind the service, as KIND=URL: sglang=http://HOST:PORT "
@@ -376,7 +376,7 @@ def engine_process(
     latency_step_tokens: LatencyStepOption = DEFAULT_LATENCY_STEP_TOKENS,
     prefix_caching: PrefixCachingOption = True,
     attention_backend: AttentionOption = "auto",
-    quantization: QuantizationOption = "none",
+    quantization: QuantizationOption = "auto",
     threads: ThreadsOption = None,
     log_level: Annotated[str, typer.Option(
         help="Log level (the engine's and uvicorn's): critical, error, warning, info, debug")] = "warning",
@@ -423,7 +423,7 @@ def generate(
     model: ClientModelOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
-    quantization: QuantizationOption = "none",
+    quantization: QuantizationOption = "auto",
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template")] = True,
     log_level: ClientLogLevelOption = "warning",
 ) -> None:
@@ -452,7 +452,7 @@ def chat_command(
     model: ClientModelOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
-    quantization: QuantizationOption = "none",
+    quantization: QuantizationOption = "auto",
     log_level: ClientLogLevelOption = "warning",
 ) -> None:
     """Chat with a model: each line you type is a message, the reply streams, the conversation is

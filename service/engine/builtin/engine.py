@@ -87,12 +87,12 @@ class BuiltinEngineConfig:
     # kernels in parrot.service.kernels; CUDA, or CPU under TRITON_INTERPRET=1 for tests),
     # "auto": torch until the Triton kernels are verified on GPUs. Prefill always uses torch.
     attention_backend: AttentionBackendOption = "auto"
-    # Weight-only quantization of the matmuls (see quant.py). "none" (the default) computes
-    # exactly with the de-quantized weights, token for token as transformers does; "auto"
-    # serves a GGUF model from its own 4-bit blocks on CPU (several times fewer bytes a step,
-    # but bfloat16 arithmetic: greedy outputs drift from transformers', as llama.cpp's do);
-    # "gguf", "int4wo[-G]", "int8wo" ask for one.
-    quantization: str = "none"
+    # Weight-only quantization of the matmuls (see quant.py). "auto" (the default) serves a
+    # GGUF model on CPU from the file's own 4- and 8-bit blocks (a fifth of the bytes a
+    # step reads; float32 arithmetic on exactly the de-quantized values, so greedy output
+    # follows transformers') and anything else as it is; "none" keeps the de-quantized
+    # float matrices; "gguf", "int4wo[-G]", "int8wo" ask for one.
+    quantization: str = "auto"
 
 
 def _tune_cpu_allocator() -> None:

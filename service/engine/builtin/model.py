@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from parrot.service.engine.builtin import cpu_kernels
 from parrot.service.engine.builtin.quant import (
-    BFloat16Weight,
-    GgufInt4Source,
+    KERNEL_MAX_ROWS,
+    GgufBlockSource,
     QuantConfig,
     Weight,
     linear,
@@ -130,11 +131,11 @@ class LlamaRunner:
     def __init__(self, hf_model: PreTrainedModel, num_kv_slots: int, device: torch.device,
                  attention_backend: AttentionBackend = "torch", quant: QuantConfig | None = None,
                  gguf: Path | None = None) -> None:
-        """``quant`` says how to keep the matmul weights (see quant.py); "gguf" reads the 4-bit
-        blocks from ``gguf``, the file ``hf_model`` was de-quantized from."""
+        """``quant`` says how to keep the matmul weights (see quant.py); "gguf" reads the 4- and
+        8-bit blocks from ``gguf``, the file ``hf_model`` was de-quantized from."""
         config = hf_model.config
         self.quant = quant or QuantConfig("none")
-        self._gguf = GgufInt4Source(gguf, config) if self.quant.method == "gguf" and gguf else None
+        self._gguf = GgufBlockSource(gguf, config) if self.quant.method == "gguf" and gguf else None
         self.config = config
         self.device = device
         self.attention_backend = attention_backend
@@ -172,7 +173,8 @@ class LlamaRunner:
 
     def _matrix(self, weight: torch.Tensor, gguf_names: list[str]) -> Weight:
         """One matmul's weight as the quantization asks: the GGUF's own blocks where it has
-        them in 4 bits, else quantized at load (int4wo, int8wo), else as it is."""
+        them in 4 or 8 bits, else quantized at load (int4wo, int8wo), else as it is (float,
+        exactly what transformers holds)."""
         if self._gguf is not None:
             blocks = self._gguf.matrix(gguf_names, weight)
             if blocks is not None:
@@ -183,11 +185,6 @@ class LlamaRunner:
         weight = weight.detach()
         if self.quant.method in ("int4wo", "int8wo"):
             return quantize(weight, self.quant)
-        if self.quant.method == "gguf" and weight.dtype == torch.float32:
-            # A matrix the file keeps in more than 4 bits (the default model's Q8_0 embeddings,
-            # which are also its LM head): bfloat16 halves the bytes a step reads and stays
-            # within 2^-9 of every value; its matmul takes bfloat16 in (see BFloat16Weight).
-            return BFloat16Weight(weight.to(self.device))
         return weight.to(self.device)
 
     def _fuse(self, index: int, layer) -> _Layer:
@@ -215,6 +212,12 @@ class LlamaRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run one step; return float32 logits for ``batch.logit_rows``."""
+        if self.quant.enabled and batch.input_ids.shape[0] <= KERNEL_MAX_ROWS:
+            with cpu_kernels.few_rows():
+                return self._forward(batch)
+        return self._forward(batch)
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         num_tokens = batch.input_ids.shape[0]
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(batch.input_ids, self.embed)

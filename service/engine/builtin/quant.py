@@ -1,21 +1,21 @@
 """Weight-only quantized matmuls for the builtin engine's forward pass.
 
 A batch-1 decode step reads every weight once, so its time is the bytes it reads: the
-default model de-quantized to float32 reads 8x the bytes its 4-bit GGUF holds. Here the
-weights stay small and the matmuls run on torch's packed CPU kernels:
+default model de-quantized to float32 reads 7x the bytes its 4-bit GGUF holds. Here the
+weights stay in blocks of 32 and the matmuls run on them (csrc/quant_matmul.c):
 
-- ``gguf``: a GGUF file's own Q4_0/Q4_1 blocks, kept as they are. A block is 32 weights
-  with a float16 scale ``d`` (and in Q4_1 a minimum ``m``): ``w = d*q + m``, ``q`` in
-  0..15. torch's int4 kernel computes ``(q - 8)*scale + zero`` per group of 32, so
-  ``scale = d`` and ``zero = m + 8d`` (Q4_0: ``w = d*(q - 8)``, ``zero = 0``). The 4-bit
-  codes are the file's; the kernel needs scale and zero in bfloat16, so those (and the
-  activations it multiplies) are rounded to bfloat16.
-- ``int4wo``: float weights quantized at load, group-wise with scale and zero (as
+- ``gguf``: a GGUF file's own Q4_0/Q4_1 and Q8_0 blocks, kept as they are. A Q4 block is
+  32 codes ``q`` in 0..15 with a scale ``d`` (and in Q4_1 a minimum ``m``); a weight is
+  ``d*q + m`` (Q4_0: ``d*(q - 8)``). A Q8_0 block is 32 signed bytes and a scale.
+- ``int4wo``: float weights quantized at load, group-wise with scale and minimum (as
   torchao's int4 weight-only); ``int4wo-64`` etc. pick the group size (default 32).
 - ``int8wo``: float weights quantized at load to int8 per output channel.
 
-Everything else (embeddings, norms, the attention and the KV cache) keeps the model's
-dtype; a quantized matmul takes bfloat16 in and gives the caller's dtype back.
+The kernels turn a block into the exact float32 values the de-quantized model holds and
+multiply them with float32 activations: the output differs from a float32 matmul on the
+de-quantized weights only in the order of the sums, so the quantized model's greedy output
+follows transformers' on those weights. Embeddings, norms, attention and the KV cache keep
+the model's dtype.
 """
 
 from __future__ import annotations
@@ -28,9 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
+
 QUANTIZATIONS = ("auto", "none", "gguf", "int4wo", "int8wo")
 _INT4_GROUPS = (32, 64, 128, 256)
-_COMPUTE = torch.bfloat16  # the packed CPU kernels are fast in bfloat16 only
+_BLOCK = 32
+# Up to this many activation rows (a decode batch) the block kernels win; a longer input
+# (a prefill) multiplies the de-quantized matrix with the BLAS, which is faster there.
+KERNEL_MAX_ROWS = 16
 
 
 class QuantizationError(ValueError):
@@ -68,14 +73,15 @@ def resolve_quantization(name: str, *, gguf: Path | None, device: torch.device) 
     """
     method, group = parse_quantization(name)
     if method == "auto":
-        method = "gguf" if gguf is not None and device.type == "cpu" and gguf_has_int4(gguf) else "none"
+        method = ("gguf" if gguf is not None and device.type == "cpu" and gguf_has_int4(gguf)
+                  and kernels_available() else "none")
     if method == "none":
         return QuantConfig("none")
     if device.type != "cpu":
         raise QuantizationError(
             f"quantization {method!r} runs on CPU only for now; use --quantization none on {device.type}")
-    if not int4_kernels_available():
-        raise QuantizationError("this torch build lacks the packed int4/int8 CPU kernels; "
+    if not kernels_available():
+        raise QuantizationError(f"the quantized matmuls are not built ({kernel_error()}); "
                                 "use --quantization none")
     if method == "gguf":
         if gguf is None:
@@ -86,70 +92,102 @@ def resolve_quantization(name: str, *, gguf: Path | None, device: torch.device) 
     return QuantConfig(method, group)
 
 
-def int4_kernels_available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
-        torch.ops.aten, "_weight_int8pack_mm")
+def kernels_available() -> bool:
+    return cpu_kernels.available()
+
+
+def kernel_error() -> str | None:
+    try:
+        cpu_kernels.library()
+    except cpu_kernels.KernelBuildError as exc:
+        return str(exc)
+    return None
 
 
 # ---- quantized weights ---------------------------------------------------------------
-class Int4Weight:
-    """``[N, K]`` weights as packed 4-bit codes with a scale and zero per group of K."""
+def _as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    return x.reshape(-1, in_features).to(torch.float32).contiguous()
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int) -> None:
-        # codes: int32 [N, K] in 0..15; scales, zeros: float32 [N, K // group_size]
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+class Q4Weight:
+    """``[N, K]`` weights in blocks of 32 four-bit codes: ``w = (q + off)*d + m``.
+
+    ``codes`` holds a block in 16 bytes, weight j in byte j's low nibble and weight j + 16
+    in its high one (GGUF's layout); ``d`` and ``m`` are float32 per block, ``off`` per row
+    (-8 for Q4_0 rows, whose weights are ``d*(q - 8)``, else 0).
+    """
+
+    def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, off: torch.Tensor) -> None:
+        # codes: int [N, K] in 0..15; d, m: float32 [N, K // 32]; off: float32 [N]
         self.out_features, self.in_features = codes.shape
-        self.group_size = group_size
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-        self.scales_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous().to(_COMPUTE)
+        nibbles = codes.reshape(self.out_features, -1, _BLOCK).to(torch.uint8)
+        self.codes = (nibbles[..., :16] | (nibbles[..., 16:] << 4)).contiguous()
+        self.d = d.to(torch.float32).contiguous()
+        self.m = m.to(torch.float32).contiguous()
+        self.off = off.to(torch.float32).contiguous()
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales_zeros.nbytes
+        return self.codes.nbytes + self.d.nbytes + self.m.nbytes + self.off.nbytes
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 weights, each ``(q + off)*d + m`` rounded as gguf-py's de-quantizer rounds it."""
+        n, k = self.out_features, self.in_features
+        w = torch.empty(n, k)
+        cpu_kernels.library().parrot_q4_dequantize(_ptr(self.codes), _ptr(self.d), _ptr(self.m),
+                                                   _ptr(self.off), n, k, _ptr(w), cpu_kernels.threads())
+        return w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2:
-            return self(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(_COMPUTE), self.packed, self.group_size,
-                                                          self.scales_zeros)
-        return out.to(x.dtype)
+        rows = _as_rows(x, self.in_features)
+        if rows.shape[0] > KERNEL_MAX_ROWS:
+            out = F.linear(rows, self.dequantize())
+        else:
+            out = torch.empty(rows.shape[0], self.out_features)
+            cpu_kernels.library().parrot_q4_matmul(
+                _ptr(rows), rows.shape[0], self.in_features, self.in_features, _ptr(self.codes), _ptr(self.d),
+                _ptr(self.m), _ptr(self.off), _ptr(out), self.out_features, self.out_features,
+                cpu_kernels.threads())
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class Int8Weight:
-    """``[N, K]`` weights as int8 with one scale per output channel."""
+class Q8Weight:
+    """``[N, K]`` weights in blocks of 32 signed bytes with a float32 scale: ``w = q*d``."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        w = weight.float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scales = scales.to(_COMPUTE)
-        self.out_features, self.in_features = w.shape
+    def __init__(self, codes: torch.Tensor, d: torch.Tensor) -> None:
+        # codes: int8 [N, K]; d: float32 [N, K // 32]
+        self.out_features, self.in_features = codes.shape
+        self.codes = codes.to(torch.int8).contiguous()
+        self.d = d.to(torch.float32).contiguous()
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scales.nbytes
+        return self.codes.nbytes + self.d.nbytes
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        w = torch.empty(n, k)
+        cpu_kernels.library().parrot_q8_dequantize(_ptr(self.codes), _ptr(self.d), n, k, _ptr(w),
+                                                   cpu_kernels.threads())
+        return w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2:
-            return self(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
-        return torch.ops.aten._weight_int8pack_mm(x.to(_COMPUTE), self.codes, self.scales).to(x.dtype)
+        rows = _as_rows(x, self.in_features)
+        if rows.shape[0] > KERNEL_MAX_ROWS:
+            out = F.linear(rows, self.dequantize())
+        else:
+            out = torch.empty(rows.shape[0], self.out_features)
+            cpu_kernels.library().parrot_q8_matmul(
+                _ptr(rows), rows.shape[0], self.in_features, self.in_features, _ptr(self.codes), _ptr(self.d),
+                _ptr(out), self.out_features, self.out_features, cpu_kernels.threads())
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class BFloat16Weight:
-    """Float weights kept in bfloat16, multiplied in bfloat16 (half the bytes of float32)."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight.to(_COMPUTE).contiguous()
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.nbytes
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(_COMPUTE), self.weight).to(x.dtype)
-
-
-Weight = torch.Tensor | Int4Weight | Int8Weight | BFloat16Weight
+Weight = torch.Tensor | Q4Weight | Q8Weight
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,7 +201,7 @@ def weight_nbytes(weight: Weight) -> int:
     return weight.nbytes if not isinstance(weight, torch.Tensor) else weight.numel() * weight.element_size()
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = 32) -> Int4Weight:
+def quantize_int4(weight: torch.Tensor, group_size: int = 32) -> Q4Weight:
     """Group-wise asymmetric 4-bit quantization of float weights (min/max per group)."""
     n, k = weight.shape
     if k % group_size:
@@ -172,81 +210,100 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 32) -> Int4Weight:
     low, high = groups.amin(-1), groups.amax(-1)
     scales = ((high - low) / 15).clamp(min=1e-12)
     codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15)
-    return Int4Weight(codes.to(torch.int32).reshape(n, k), scales, low + 8 * scales, group_size)
+    per_block = group_size // _BLOCK  # a group of 64 is two blocks with the same scale and minimum
+    return Q4Weight(codes.to(torch.int32).reshape(n, k), scales.repeat_interleave(per_block, 1),
+                    low.repeat_interleave(per_block, 1), torch.zeros(n))
+
+
+def quantize_int8(weight: torch.Tensor) -> Q8Weight:
+    """int8 per output channel (symmetric), as blocks that all share their row's scale."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return Q8Weight(codes, scales[:, None].expand(-1, w.shape[1] // _BLOCK))
 
 
 def quantize(weight: torch.Tensor, config: QuantConfig) -> Weight:
     """``weight`` as ``config`` asks for float weights (int4wo, int8wo); others stay as they are."""
     if config.method == "int4wo" and weight.shape[1] % config.group_size == 0:
         return quantize_int4(weight, config.group_size)
-    if config.method == "int8wo":
-        return Int8Weight(weight)
+    if config.method == "int8wo" and weight.shape[1] % _BLOCK == 0:
+        return quantize_int8(weight)
     return weight
 
 
 # ---- GGUF blocks -------------------------------------------------------------------------
-_BLOCK = 32
-_Q4_BYTES = {"Q4_0": 18, "Q4_1": 20}
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
 @dataclass
-class GgufInt4:
-    """One GGUF tensor's Q4_0/Q4_1 blocks, unpacked: codes [N, K], scale d and minimum m [N, K/32]."""
+class GgufBlocks:
+    """One GGUF tensor's Q4_0, Q4_1 or Q8_0 blocks, unpacked.
 
+    ``codes`` [N, K]: 0..15 for Q4, -128..127 for Q8; ``d`` and ``m`` [N, K/32]; ``off`` [N].
+    A Q4 weight is ``(q + off)*d + m`` (Q4_0: off -8 and m 0; Q4_1: off 0); a Q8 weight ``q*d``.
+    """
+
+    bits: int  # 4 or 8
     codes: torch.Tensor
     d: torch.Tensor
-    m: torch.Tensor | None  # None for Q4_0 (whose weights are d*(q - 8))
+    m: torch.Tensor
+    off: torch.Tensor
 
     def dequantize(self) -> torch.Tensor:
         """float32 weights, with the arithmetic of gguf-py's (and so transformers') de-quantizer."""
         q = self.codes.float().reshape(self.d.shape[0], -1, _BLOCK)
-        if self.m is None:
-            w = self.d[..., None] * (q - 8)
-        else:
-            w = self.d[..., None] * q + self.m[..., None]
+        if self.bits == 8:
+            return (q * self.d[..., None]).reshape(self.codes.shape)
+        w = (q + self.off[:, None, None]) * self.d[..., None] + self.m[..., None]
         return w.reshape(self.codes.shape)
 
-    def rows(self, order: torch.Tensor) -> GgufInt4:
-        return GgufInt4(self.codes[order], self.d[order], None if self.m is None else self.m[order])
+    def rows(self, order: torch.Tensor) -> GgufBlocks:
+        return GgufBlocks(self.bits, self.codes[order], self.d[order], self.m[order], self.off[order])
 
-    def to_weight(self) -> Int4Weight:
-        zeros = torch.zeros_like(self.d) if self.m is None else self.m + 8 * self.d
-        return Int4Weight(self.codes, self.d, zeros, _BLOCK)
-
-
-def concat(parts: list[GgufInt4]) -> GgufInt4:
-    """Stack tensors' rows (q, k and v into one qkv matrix); a mix of Q4_0 and Q4_1 becomes Q4_1."""
-    codes = torch.cat([p.codes for p in parts])
-    d = torch.cat([p.d for p in parts])
-    if all(p.m is None for p in parts):
-        return GgufInt4(codes, d, None)
-    return GgufInt4(codes, d, torch.cat([p.m if p.m is not None else -8 * p.d for p in parts]))
+    def to_weight(self) -> Q4Weight | Q8Weight:
+        if self.bits == 8:
+            return Q8Weight(self.codes, self.d)
+        return Q4Weight(self.codes, self.d, self.m, self.off)
 
 
-def read_gguf_int4(tensor) -> GgufInt4 | None:
-    """A ``gguf.GGUFReader`` tensor's Q4_0/Q4_1 blocks; None when it is of another type."""
-    if tensor.tensor_type.name not in _Q4_BYTES:
+def concat(parts: list[GgufBlocks]) -> GgufBlocks | None:
+    """Stack tensors' rows (q, k and v into one qkv matrix); None when their block sizes differ."""
+    if len({p.bits for p in parts}) != 1:
         return None
-    block_bytes = _Q4_BYTES[tensor.tensor_type.name]
+    fields = (torch.cat([getattr(p, name) for p in parts]) for name in ("codes", "d", "m", "off"))
+    return GgufBlocks(parts[0].bits, *fields)
+
+
+def read_gguf_blocks(tensor) -> GgufBlocks | None:
+    """A ``gguf.GGUFReader`` tensor's Q4_0/Q4_1/Q8_0 blocks; None when it is of another type."""
+    kind = tensor.tensor_type.name
+    if kind not in _BLOCK_BYTES:
+        return None
     raw = np.asarray(tensor.data, dtype=np.uint8)
     rows = raw.shape[0]
-    blocks = raw.reshape(rows, -1, block_bytes)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = None
-    start = 2
-    if block_bytes == 20:
-        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
-        start = 4
+    blocks = raw.reshape(rows, -1, _BLOCK_BYTES[kind])
+
+    def half(at: int) -> torch.Tensor:
+        return torch.from_numpy(blocks[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32))
+
+    d = half(0)
+    if kind == "Q8_0":
+        codes = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows, -1))
+        return GgufBlocks(8, codes, d, torch.zeros_like(d), torch.zeros(rows))
+    start = 4 if kind == "Q4_1" else 2
     qs = blocks[..., start:start + 16]
     # Byte j of a block holds weight j in its low nibble and weight j + 16 in its high one.
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
-    return GgufInt4(torch.from_numpy(codes.astype(np.int32)), torch.from_numpy(d), m)
+    codes = torch.from_numpy(np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1).astype(np.int32))
+    if kind == "Q4_1":
+        return GgufBlocks(4, codes, d, half(2), torch.zeros(rows))
+    return GgufBlocks(4, codes, d, torch.zeros_like(d), torch.full((rows,), -8.0))
 
 
 def gguf_has_int4(path: Path) -> bool:
     from gguf import GGUFReader
 
-    return any(t.tensor_type.name in _Q4_BYTES for t in GGUFReader(str(path)).tensors)
+    return any(t.tensor_type.name in ("Q4_0", "Q4_1") for t in GGUFReader(str(path)).tensors)
 
 
 def llama_rope_row_order(num_rows: int, num_heads: int) -> torch.Tensor:
@@ -255,8 +312,8 @@ def llama_rope_row_order(num_rows: int, num_heads: int) -> torch.Tensor:
     return torch.arange(num_rows).reshape(num_heads, dim, 2).transpose(1, 2).reshape(-1)
 
 
-class GgufInt4Source:
-    """A GGUF file's 4-bit matrices for a llama-family model, matched to its transformers weights.
+class GgufBlockSource:
+    """A GGUF file's 4- and 8-bit matrices for a llama-family model, matched to its transformers weights.
 
     Each matrix is checked against the de-quantized weight transformers loaded from the same
     file: the codes must give exactly those values, or loading stops (the file's layout is
@@ -271,12 +328,13 @@ class GgufInt4Source:
         # transformers undoes llama.cpp's q/k row permutation for llama models only.
         self.permutes_qk = config.model_type in ("llama", "mistral")
 
-    def matrix(self, names: list[str], reference: torch.Tensor) -> Int4Weight | None:
-        """The rows of GGUF tensors ``names`` stacked, as int4; None when one is not Q4_0/Q4_1."""
+    def matrix(self, names: list[str], reference: torch.Tensor) -> Q4Weight | Q8Weight | None:
+        """The rows of GGUF tensors ``names`` stacked, in their blocks; None when one is of
+        another type (or they mix 4 and 8 bits)."""
         parts = []
         for name in names:
             tensor = self.tensors.get(name + ".weight")
-            part = None if tensor is None else read_gguf_int4(tensor)
+            part = None if tensor is None else read_gguf_blocks(tensor)
             if part is None:
                 return None
             if self.permutes_qk and (".attn_q" in name or ".attn_k" in name):
@@ -285,8 +343,10 @@ class GgufInt4Source:
                 part = part.rows(llama_rope_row_order(part.codes.shape[0], heads))
             parts.append(part)
         blocks = parts[0] if len(parts) == 1 else concat(parts)
+        if blocks is None:
+            return None
         if not torch.equal(blocks.dequantize(), reference.detach().float().cpu()):
             raise QuantizationError(
-                f"the 4-bit blocks of {', '.join(names)} do not reproduce the weights transformers "
+                f"the blocks of {', '.join(names)} do not reproduce the weights transformers "
                 "loaded from the same file; serve it with --quantization none")
         return blocks.to_weight()

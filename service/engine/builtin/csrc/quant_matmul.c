@@ -1,0 +1,378 @@
+/* Matmuls on 4- and 8-bit weight blocks with float32 activations, for the builtin engine.
+ *
+ * A block is 32 weights of one output row. Q4: 16 bytes of codes (byte j holds weight j in
+ * its low nibble and weight j + 16 in its high one, as GGUF lays them out) with a float32
+ * scale d and minimum m per block; a weight is (q + off) * d + m, computed as that product
+ * and that sum (two roundings), which is how gguf-py (and so transformers) de-quantizes
+ * Q4_0 (off = -8, m = 0) and Q4_1 (off = 0). Q8: 32 signed bytes and a scale, q * d.
+ *
+ * So a weight has exactly the float32 value the de-quantized model holds, and it meets a
+ * float32 activation in a float32 fused multiply-add: the result differs from a float32
+ * matmul on the de-quantized weights only in the order of the sums.
+ *
+ * out[i, n] = sum_k x[i, k] * w[n, k], rows n split over the threads. Built at first use
+ * with the machine's own instruction set (-march=native); the AVX-512 paths look up a
+ * block's 16 possible values in one register instead of converting every code.
+ *
+ * The threads are this file's own small pool, not OpenMP: the engine calls from its own
+ * thread, and libgomp, seeing more threads than cores (the interpreter's main thread
+ * counts), stops spinning and puts its workers to sleep after every region, so each
+ * matmul of a decode step would wait for a wake-up. These workers spin a while between
+ * calls and sleep only when the engine goes idle.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define BLOCK 32
+#define ROWS_AT_ONCE 4    /* activation rows sharing one pass over a weight row's blocks */
+#define ROWS_PER_CHUNK 16 /* activation rows kept in L1 while the weights stream past */
+
+/* ---- one output row, any number of activation rows, portable C ----------------------- */
+static inline void q4_row_c(const float *x, int64_t m_rows, int64_t k, int64_t ldx, const uint8_t *codes,
+                            const float *d, const float *mins, float off, float *out, int64_t ldo) {
+  for (int64_t i = 0; i < m_rows; i++) {
+    const float *xi = x + i * ldx;
+    float acc = 0.0f;
+    for (int64_t g = 0; g < k / BLOCK; g++) {
+      const uint8_t *q = codes + g * 16;
+      float lut[16];
+      for (int v = 0; v < 16; v++) {
+        float scaled = ((float)v + off) * d[g];
+        lut[v] = scaled + mins[g];
+      }
+      for (int j = 0; j < 16; j++) {
+        acc += lut[q[j] & 0x0F] * xi[g * BLOCK + j];
+        acc += lut[q[j] >> 4] * xi[g * BLOCK + j + 16];
+      }
+    }
+    out[i * ldo] = acc;
+  }
+}
+
+static inline void q8_row_c(const float *x, int64_t m_rows, int64_t k, int64_t ldx, const int8_t *codes,
+                     const float *d, float *out, int64_t ldo) {
+  for (int64_t i = 0; i < m_rows; i++) {
+    const float *xi = x + i * ldx;
+    float acc = 0.0f;
+    for (int64_t j = 0; j < k; j++) {
+      float w = (float)codes[j] * d[j / BLOCK];
+      acc += w * xi[j];
+    }
+    out[i * ldo] = acc;
+  }
+}
+
+#if defined(__AVX512F__)
+static inline __m512 q4_lut(__m512 iota_off, float d, float m) {
+  /* not an FMA: the product and the sum round separately, as the de-quantizer's do */
+  return _mm512_add_ps(_mm512_mul_ps(iota_off, _mm512_set1_ps(d)), _mm512_set1_ps(m));
+}
+
+static inline void q4_unpack(const uint8_t *q, __m512 lut, __m512 *lo, __m512 *hi) {
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  __m128i bytes = _mm_loadu_si128((const __m128i *)q);
+  __m128i low = _mm_and_si128(bytes, mask);
+  __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  *lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(low), lut);
+  *hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(high), lut);
+}
+
+static void q4_row_avx512(const float *x, int64_t m_rows, int64_t k, int64_t ldx,
+                          const uint8_t *codes, const float *d, const float *mins, float off,
+                          float *out, int64_t ldo) {
+  const __m512 iota_off = _mm512_add_ps(
+      _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_ps(off));
+  const int64_t blocks = k / BLOCK;
+  if (m_rows == 1) { /* a decode step: four independent sums keep the FMA pipes busy */
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 1 < blocks; g += 2) {
+      __m512 w0, w1, w2, w3;
+      q4_unpack(codes + g * 16, q4_lut(iota_off, d[g], mins[g]), &w0, &w1);
+      q4_unpack(codes + (g + 1) * 16, q4_lut(iota_off, d[g + 1], mins[g + 1]), &w2, &w3);
+      const float *xg = x + g * BLOCK;
+      a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg), a0);
+      a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + 16), a1);
+      a2 = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xg + 32), a2);
+      a3 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xg + 48), a3);
+    }
+    for (; g < blocks; g++) {
+      __m512 w0, w1;
+      q4_unpack(codes + g * 16, q4_lut(iota_off, d[g], mins[g]), &w0, &w1);
+      a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + g * BLOCK), a0);
+      a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + g * BLOCK + 16), a1);
+    }
+    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    return;
+  }
+  for (int64_t i0 = 0; i0 < m_rows; i0 += ROWS_AT_ONCE) {
+    const int64_t rows = m_rows - i0 < ROWS_AT_ONCE ? m_rows - i0 : ROWS_AT_ONCE;
+    __m512 lo[ROWS_AT_ONCE], hi[ROWS_AT_ONCE];
+    for (int r = 0; r < ROWS_AT_ONCE; r++) lo[r] = hi[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < blocks; g++) {
+      __m512 w0, w1;
+      q4_unpack(codes + g * 16, q4_lut(iota_off, d[g], mins[g]), &w0, &w1);
+      for (int r = 0; r < rows; r++) {
+        const float *xg = x + (i0 + r) * ldx + g * BLOCK;
+        lo[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg), lo[r]);
+        hi[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + 16), hi[r]);
+      }
+    }
+    for (int r = 0; r < rows; r++) out[(i0 + r) * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r]));
+  }
+}
+
+static inline void q8_unpack(const int8_t *q, float d, __m512 *lo, __m512 *hi) {
+  const __m512 scale = _mm512_set1_ps(d);
+  __m128i low = _mm_loadu_si128((const __m128i *)q);
+  __m128i high = _mm_loadu_si128((const __m128i *)(q + 16));
+  *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(low)), scale);
+  *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(high)), scale);
+}
+
+static void q8_row_avx512(const float *x, int64_t m_rows, int64_t k, int64_t ldx, const int8_t *codes,
+                          const float *d, float *out, int64_t ldo) {
+  const int64_t blocks = k / BLOCK;
+  for (int64_t i0 = 0; i0 < m_rows; i0 += ROWS_AT_ONCE) {
+    const int64_t rows = m_rows - i0 < ROWS_AT_ONCE ? m_rows - i0 : ROWS_AT_ONCE;
+    __m512 lo[ROWS_AT_ONCE], hi[ROWS_AT_ONCE];
+    for (int r = 0; r < ROWS_AT_ONCE; r++) lo[r] = hi[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < blocks; g++) {
+      __m512 w0, w1;
+      q8_unpack(codes + g * BLOCK, d[g], &w0, &w1);
+      for (int r = 0; r < rows; r++) {
+        const float *xg = x + (i0 + r) * ldx + g * BLOCK;
+        lo[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg), lo[r]);
+        hi[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + 16), hi[r]);
+      }
+    }
+    for (int r = 0; r < rows; r++) out[(i0 + r) * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r]));
+  }
+}
+#endif
+
+/* ---- the thread pool -------------------------------------------------------------------- */
+#define MAX_WORKERS 63
+#define SPIN_NS 300000 /* how long an idle worker spins before it sleeps */
+
+typedef void (*rows_fn)(const void *job, int64_t begin, int64_t end);
+
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
+static pthread_mutex_t pool_sleep = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static int pool_workers; /* started so far */
+static atomic_uint pool_generation;
+static atomic_int pool_pending;
+static struct {
+  rows_fn fn;
+  const void *job;
+  int64_t rows;
+  int parts;
+} pool_task;
+
+static int64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+static void run_part(int part) {
+  int64_t rows = pool_task.rows, parts = pool_task.parts;
+  pool_task.fn(pool_task.job, rows * part / parts, rows * (part + 1) / parts);
+}
+
+static void *worker_main(void *arg) {
+  /* the part this worker takes (part 0 is the caller's), and the last job it has seen: the
+   * one before the job it was started for */
+  const int index = (int)((uintptr_t)arg >> 32);
+  unsigned seen = (unsigned)(uintptr_t)arg;
+  for (;;) {
+    int64_t spin_start = now_ns();
+    unsigned spins = 0;
+    while (atomic_load_explicit(&pool_generation, memory_order_acquire) == seen) {
+      cpu_relax();
+      if (++spins % 256 == 0 && now_ns() - spin_start > SPIN_NS) {
+        pthread_mutex_lock(&pool_sleep);
+        while (atomic_load(&pool_generation) == seen) pthread_cond_wait(&pool_wake, &pool_sleep);
+        pthread_mutex_unlock(&pool_sleep);
+      }
+    }
+    seen = atomic_load(&pool_generation);
+    if (index < pool_task.parts) run_part(index);
+    atomic_fetch_sub_explicit(&pool_pending, 1, memory_order_release);
+  }
+  return NULL;
+}
+
+static void reset_after_fork(void) { /* a forked child has none of its parent's threads */
+  pool_workers = 0;
+  pthread_mutex_init(&pool_busy, NULL);
+  pthread_mutex_init(&pool_sleep, NULL);
+  pthread_cond_init(&pool_wake, NULL);
+}
+
+static void start_workers(int wanted) {
+  static int fork_handler;
+  if (!fork_handler) {
+    pthread_atfork(NULL, NULL, reset_after_fork);
+    fork_handler = 1;
+  }
+  while (pool_workers < wanted) {
+    pthread_t thread;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    uintptr_t arg = ((uintptr_t)(pool_workers + 1) << 32) | atomic_load(&pool_generation);
+    int failed = pthread_create(&thread, &attr, worker_main, (void *)arg);
+    pthread_attr_destroy(&attr);
+    if (failed) break;
+    pool_workers++;
+  }
+}
+
+/* fn over rows [0, rows) in `threads` parts, the caller taking part 0. A caller that finds
+ * the pool busy (another engine in the process) runs the whole job itself. */
+static void parallel_rows(rows_fn fn, const void *job, int64_t rows, int threads) {
+  if (threads > MAX_WORKERS + 1) threads = MAX_WORKERS + 1;
+  if (threads <= 1 || rows < 2 * threads || pthread_mutex_trylock(&pool_busy) != 0) {
+    fn(job, 0, rows);
+    return;
+  }
+  start_workers(threads - 1);
+  int parts = pool_workers + 1 < threads ? pool_workers + 1 : threads;
+  pool_task.fn = fn;
+  pool_task.job = job;
+  pool_task.rows = rows;
+  pool_task.parts = parts;
+  atomic_store(&pool_pending, pool_workers);
+  pthread_mutex_lock(&pool_sleep); /* so that no worker misses the wake-up between check and wait */
+  atomic_fetch_add_explicit(&pool_generation, 1, memory_order_release);
+  pthread_cond_broadcast(&pool_wake);
+  pthread_mutex_unlock(&pool_sleep);
+  run_part(0);
+  while (atomic_load_explicit(&pool_pending, memory_order_acquire) > 0) cpu_relax();
+  pthread_mutex_unlock(&pool_busy);
+}
+
+/* ---- entry points --------------------------------------------------------------------- */
+int parrot_quant_simd(void) {
+#if defined(__AVX512F__)
+  return 512;
+#else
+  return 0;
+#endif
+}
+
+typedef struct {
+  const float *x;
+  int64_t m_rows, k, ldx;
+  const void *codes;
+  const float *d, *mins, *off;
+  float *out;
+  int64_t ldo;
+} matmul_job;
+
+static void q4_rows(const void *arg, int64_t begin, int64_t end) {
+  const matmul_job *j = arg;
+  const int64_t blocks = j->k / BLOCK;
+  /* a chunk of activation rows stays in L1 while this thread's weight rows (in L2) pass */
+  for (int64_t i = 0; i < j->m_rows; i += ROWS_PER_CHUNK) {
+    const int64_t rows = j->m_rows - i < ROWS_PER_CHUNK ? j->m_rows - i : ROWS_PER_CHUNK;
+    const float *x = j->x + i * j->ldx;
+    for (int64_t row = begin; row < end; row++) {
+      const uint8_t *codes = (const uint8_t *)j->codes + row * blocks * 16;
+#if defined(__AVX512F__)
+      q4_row_avx512(x, rows, j->k, j->ldx, codes, j->d + row * blocks, j->mins + row * blocks, j->off[row],
+                    j->out + i * j->ldo + row, j->ldo);
+#else
+      q4_row_c(x, rows, j->k, j->ldx, codes, j->d + row * blocks, j->mins + row * blocks, j->off[row],
+               j->out + i * j->ldo + row, j->ldo);
+#endif
+    }
+  }
+}
+
+static void q8_rows(const void *arg, int64_t begin, int64_t end) {
+  const matmul_job *j = arg;
+  const int64_t blocks = j->k / BLOCK;
+  for (int64_t i = 0; i < j->m_rows; i += ROWS_PER_CHUNK) {
+    const int64_t rows = j->m_rows - i < ROWS_PER_CHUNK ? j->m_rows - i : ROWS_PER_CHUNK;
+    const float *x = j->x + i * j->ldx;
+    for (int64_t row = begin; row < end; row++) {
+      const int8_t *codes = (const int8_t *)j->codes + row * j->k;
+#if defined(__AVX512F__)
+      q8_row_avx512(x, rows, j->k, j->ldx, codes, j->d + row * blocks, j->out + i * j->ldo + row, j->ldo);
+#else
+      q8_row_c(x, rows, j->k, j->ldx, codes, j->d + row * blocks, j->out + i * j->ldo + row, j->ldo);
+#endif
+    }
+  }
+}
+
+/* out [m_rows, k] row-major here is the float32 weights; the job's out is w */
+static void q4_dequantize_rows(const void *arg, int64_t begin, int64_t end) {
+  const matmul_job *j = arg;
+  const int64_t blocks = j->k / BLOCK;
+  for (int64_t row = begin; row < end; row++) {
+    for (int64_t g = 0; g < blocks; g++) {
+      const uint8_t *q = (const uint8_t *)j->codes + (row * blocks + g) * 16;
+      float *wg = j->out + row * j->k + g * BLOCK;
+      const float dg = j->d[row * blocks + g], mg = j->mins[row * blocks + g], off = j->off[row];
+      for (int i = 0; i < 16; i++) {
+        float low = ((float)(q[i] & 0x0F) + off) * dg;
+        float high = ((float)(q[i] >> 4) + off) * dg;
+        wg[i] = low + mg;
+        wg[i + 16] = high + mg;
+      }
+    }
+  }
+}
+
+static void q8_dequantize_rows(const void *arg, int64_t begin, int64_t end) {
+  const matmul_job *j = arg;
+  const int64_t blocks = j->k / BLOCK;
+  const int8_t *codes = j->codes;
+  for (int64_t row = begin; row < end; row++)
+    for (int64_t i = 0; i < j->k; i++) j->out[row * j->k + i] = (float)codes[row * j->k + i] * j->d[row * blocks + i / BLOCK];
+}
+
+/* x [m_rows, k] (row stride ldx); codes [n, k/32, 16]; d, mins [n, k/32]; off [n];
+ * out [m_rows, n] (row stride ldo) */
+void parrot_q4_matmul(const float *x, int64_t m_rows, int64_t k, int64_t ldx, const uint8_t *codes,
+                      const float *d, const float *mins, const float *off, float *out, int64_t n,
+                      int64_t ldo, int threads) {
+  matmul_job job = {x, m_rows, k, ldx, codes, d, mins, off, out, ldo};
+  parallel_rows(q4_rows, &job, n, threads);
+}
+
+/* codes [n, k] int8; d [n, k/32] */
+void parrot_q8_matmul(const float *x, int64_t m_rows, int64_t k, int64_t ldx, const int8_t *codes,
+                      const float *d, float *out, int64_t n, int64_t ldo, int threads) {
+  matmul_job job = {x, m_rows, k, ldx, codes, d, NULL, NULL, out, ldo};
+  parallel_rows(q8_rows, &job, n, threads);
+}
+
+/* The float32 weights w [n, k] the blocks hold, for matmuls over many rows (a prefill). */
+void parrot_q4_dequantize(const uint8_t *codes, const float *d, const float *mins, const float *off,
+                          int64_t n, int64_t k, float *w, int threads) {
+  matmul_job job = {NULL, 0, k, 0, codes, d, mins, off, w, 0};
+  parallel_rows(q4_dequantize_rows, &job, n, threads);
+}
+
+void parrot_q8_dequantize(const int8_t *codes, const float *d, int64_t n, int64_t k, float *w, int threads) {
+  matmul_job job = {NULL, 0, k, 0, codes, d, NULL, NULL, w, 0};
+  parallel_rows(q8_dequantize_rows, &job, n, threads);
+}
