@@ -66,7 +66,7 @@ async def test_the_files_blocks_read_a_fifth_of_the_bytes_and_give_transformers_
                       if "proj" in n or "embed" in n)
     assert engine.runner.weight_bytes < exact_bytes / 4.5
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-    for text in [PROMPTS[0], " ".join(PROMPTS * 3)]:  # C kernels (few rows) and BLAS (many)
+    for text in [PROMPTS[0], " ".join(PROMPTS * 3)]:  # a step of few rows, and of many
         ids = engine.tokenizer.encode(text)
         n = len(ids)
         batch = ForwardBatch(input_ids=torch.tensor(ids), positions=torch.arange(n),

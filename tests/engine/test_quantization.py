@@ -56,7 +56,6 @@ def test_gguf_blocks_hold_exactly_the_values_gguf_de_quantizes(kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40])
 def test_block_matmuls_multiply_float32_activations_by_those_values(kind, rows):
-    """Up to 16 rows the C kernels run, beyond that the BLAS on the de-quantized matrix."""
     parsed, expected = _blocks(72, 160, kind, seed=rows)
     x = torch.randn(rows, 160)
     _close_to_float64(parsed.to_weight()(x), x, expected)
@@ -241,7 +240,7 @@ async def test_weights_quantized_at_load_compute_with_their_quantized_values(tin
     assert torch.allclose(_prefill_logits(exact, ids), ref, atol=1e-4)
     assert torch.allclose(got, fake, atol=1e-4)  # float32 on the quantized values
     assert torch.equal(got.argmax(-1), fake.argmax(-1))
-    few = ids[:6]  # a short prompt runs the C kernels rather than the BLAS
+    few = ids[:6]  # a step of few rows runs with torch's own ops on one thread
     assert torch.allclose(_prefill_logits(engine, few), fake[:6], atol=1e-4)
     assert engine.runner.weight_bytes < exact.runner.weight_bytes / (3 if method == "int8wo" else 4.5)
     tokens, _, last = await run_request(engine, ids, SamplingParams(max_new_tokens=8, temperature=0))

@@ -28,6 +28,8 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _error: str | None = None
 _threads: int | None = None  # set while torch's own ops run on one thread (see few_rows)
+_SPIN_NS = 300_000  # how long the kernels' idle workers spin then, before they sleep
+FEW_ROWS = 16  # a step of at most this many tokens runs under few_rows
 
 
 class KernelBuildError(RuntimeError):
@@ -86,6 +88,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name in ("parrot_q4_matmul", "parrot_q8_matmul", "parrot_q4_dequantize", "parrot_q8_dequantize"):
         getattr(lib, name).restype = None
     lib.parrot_quant_simd.restype = ctypes.c_int
+    lib.parrot_pool_spin.argtypes = [i64]
+    lib.parrot_pool_spin.restype = None
     return lib
 
 
@@ -121,9 +125,10 @@ def few_rows() -> Iterator[None]:
     """A step of a few rows (a decode): torch's own ops on one thread, the kernels on all.
 
     Torch's ops in such a step (norms, rotary, attention over one query) are too small to
-    gain from a second thread, and OpenMP's workers, once a region ends, spin on the cores
-    the kernels' workers need. Measured on 2 cores, a batch-1 step of the default model:
-    7.4 ms this way against 8.3 ms with torch on both threads.
+    gain from a second thread, and with torch on one thread the kernels' workers may spin
+    between matmuls instead of sleeping, as the step's matmuls come every few dozen
+    microseconds. Measured on 2 cores, a batch-1 step of the default model: 7.4 ms this
+    way against 8.3 ms with torch on both threads.
     """
     global _threads
     count = torch.get_num_threads()
@@ -132,8 +137,11 @@ def few_rows() -> Iterator[None]:
         return
     _threads = count
     torch.set_num_threads(1)
+    lib = library()
+    lib.parrot_pool_spin(_SPIN_NS)
     try:
         yield
     finally:
+        lib.parrot_pool_spin(0)
         torch.set_num_threads(count)
         _threads = None

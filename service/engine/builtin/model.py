@@ -19,7 +19,6 @@ from transformers import PreTrainedModel
 
 from parrot.service.engine.builtin import cpu_kernels
 from parrot.service.engine.builtin.quant import (
-    KERNEL_MAX_ROWS,
     GgufBlockSource,
     QuantConfig,
     Weight,
@@ -212,7 +211,7 @@ class LlamaRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run one step; return float32 logits for ``batch.logit_rows``."""
-        if self.quant.enabled and batch.input_ids.shape[0] <= KERNEL_MAX_ROWS:
+        if self.quant.enabled and batch.input_ids.shape[0] <= cpu_kernels.FEW_ROWS:
             with cpu_kernels.few_rows():
                 return self._forward(batch)
         return self._forward(batch)

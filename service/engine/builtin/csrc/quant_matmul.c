@@ -31,7 +31,7 @@
 
 #define BLOCK 32
 #define ROWS_AT_ONCE 4    /* activation rows sharing one pass over a weight row's blocks */
-#define ROWS_PER_CHUNK 16 /* activation rows kept in L1 while the weights stream past */
+#define L1_ROWS_BYTES (24 * 1024) /* activation rows kept in L1 while the weights stream past */
 
 /* ---- one output row, any number of activation rows, portable C ----------------------- */
 static inline void q4_row_c(const float *x, int64_t m_rows, int64_t k, int64_t ldx, const uint8_t *codes,
@@ -160,7 +160,11 @@ static void q8_row_avx512(const float *x, int64_t m_rows, int64_t k, int64_t ldx
 
 /* ---- the thread pool -------------------------------------------------------------------- */
 #define MAX_WORKERS 63
-#define SPIN_NS 300000 /* how long an idle worker spins before it sleeps */
+
+/* How long an idle worker spins before it sleeps: long enough to bridge the gaps between
+ * the matmuls of a decode step, but only while torch's own ops run on one thread (the
+ * caller says so); otherwise torch's OpenMP workers need those cores between our calls. */
+static atomic_llong pool_spin_ns;
 
 typedef void (*rows_fn)(const void *job, int64_t begin, int64_t end);
 
@@ -204,7 +208,7 @@ static void *worker_main(void *arg) {
     unsigned spins = 0;
     while (atomic_load_explicit(&pool_generation, memory_order_acquire) == seen) {
       cpu_relax();
-      if (++spins % 256 == 0 && now_ns() - spin_start > SPIN_NS) {
+      if (++spins % 256 == 0 && now_ns() - spin_start > atomic_load_explicit(&pool_spin_ns, memory_order_relaxed)) {
         pthread_mutex_lock(&pool_sleep);
         while (atomic_load(&pool_generation) == seen) pthread_cond_wait(&pool_wake, &pool_sleep);
         pthread_mutex_unlock(&pool_sleep);
@@ -268,6 +272,8 @@ static void parallel_rows(rows_fn fn, const void *job, int64_t rows, int threads
 }
 
 /* ---- entry points --------------------------------------------------------------------- */
+void parrot_pool_spin(int64_t ns) { atomic_store(&pool_spin_ns, ns); }
+
 int parrot_quant_simd(void) {
 #if defined(__AVX512F__)
   return 512;
@@ -285,12 +291,19 @@ typedef struct {
   int64_t ldo;
 } matmul_job;
 
+static int64_t chunk_rows(int64_t k) {
+  int64_t rows = L1_ROWS_BYTES / (k * (int64_t)sizeof(float));
+  rows -= rows % ROWS_AT_ONCE;
+  return rows < ROWS_AT_ONCE ? ROWS_AT_ONCE : rows;
+}
+
 static void q4_rows(const void *arg, int64_t begin, int64_t end) {
   const matmul_job *j = arg;
   const int64_t blocks = j->k / BLOCK;
   /* a chunk of activation rows stays in L1 while this thread's weight rows (in L2) pass */
-  for (int64_t i = 0; i < j->m_rows; i += ROWS_PER_CHUNK) {
-    const int64_t rows = j->m_rows - i < ROWS_PER_CHUNK ? j->m_rows - i : ROWS_PER_CHUNK;
+  const int64_t chunk = chunk_rows(j->k);
+  for (int64_t i = 0; i < j->m_rows; i += chunk) {
+    const int64_t rows = j->m_rows - i < chunk ? j->m_rows - i : chunk;
     const float *x = j->x + i * j->ldx;
     for (int64_t row = begin; row < end; row++) {
       const uint8_t *codes = (const uint8_t *)j->codes + row * blocks * 16;
@@ -308,8 +321,9 @@ static void q4_rows(const void *arg, int64_t begin, int64_t end) {
 static void q8_rows(const void *arg, int64_t begin, int64_t end) {
   const matmul_job *j = arg;
   const int64_t blocks = j->k / BLOCK;
-  for (int64_t i = 0; i < j->m_rows; i += ROWS_PER_CHUNK) {
-    const int64_t rows = j->m_rows - i < ROWS_PER_CHUNK ? j->m_rows - i : ROWS_PER_CHUNK;
+  const int64_t chunk = chunk_rows(j->k);
+  for (int64_t i = 0; i < j->m_rows; i += chunk) {
+    const int64_t rows = j->m_rows - i < chunk ? j->m_rows - i : chunk;
     const float *x = j->x + i * j->ldx;
     for (int64_t row = begin; row < end; row++) {
       const int8_t *codes = (const int8_t *)j->codes + row * j->k;
