@@ -61,6 +61,18 @@ def test_block_matmuls_multiply_float32_activations_by_those_values(kind, rows):
     _close_to_float64(parsed.to_weight()(x), x, expected)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_rows_product_does_not_depend_on_its_batch(kind):
+    """Each activation row is summed in one order whatever else is in the batch, so a
+    request's greedy output cannot change with what it was batched with."""
+    parsed, _ = _blocks(64, 320, kind)
+    weight = parsed.to_weight()
+    x = torch.randn(40, 320)
+    alone = torch.cat([weight(row[None]) for row in x])
+    for rows in (2, 3, 4, 5, 17, 40):
+        assert torch.equal(weight(x[:rows]), alone[:rows])
+
+
 def test_a_matmul_gives_the_same_bits_on_any_number_of_threads():
     weight = quant.quantize_int4(torch.randn(300, 256))
     x = torch.randn(3, 256)

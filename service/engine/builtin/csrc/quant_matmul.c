@@ -83,49 +83,87 @@ static inline void q4_unpack(const uint8_t *q, __m512 lut, __m512 *lo, __m512 *h
   *hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(high), lut);
 }
 
+/* `rows` activation rows (a constant where inlined) against one weight row. Four sums per
+ * activation row, over even and odd blocks' low and high halves, keep the FMA units busy;
+ * every row is summed in this same order whatever the batch, so a request's output never
+ * depends on what it was batched with. */
+static inline __attribute__((always_inline)) void q4_rows_avx512(
+    const float *x, const int rows, int64_t k, int64_t ldx, const uint8_t *codes, const float *d,
+    const float *mins, __m512 iota_off, float *out, int64_t ldo) {
+  const int64_t blocks = k / BLOCK;
+  __m512 acc[ROWS_AT_ONCE][4];
+  for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 1 < blocks; g += 2) {
+    __m512 w0, w1, w2, w3;
+    q4_unpack(codes + g * 16, q4_lut(iota_off, d[g], mins[g]), &w0, &w1);
+    q4_unpack(codes + (g + 1) * 16, q4_lut(iota_off, d[g + 1], mins[g + 1]), &w2, &w3);
+    for (int r = 0; r < rows; r++) {
+      const float *xg = x + r * ldx + g * BLOCK;
+      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg), acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + 16), acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xg + 32), acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xg + 48), acc[r][3]);
+    }
+  }
+  if (g < blocks) {
+    __m512 w0, w1;
+    q4_unpack(codes + g * 16, q4_lut(iota_off, d[g], mins[g]), &w0, &w1);
+    for (int r = 0; r < rows; r++) {
+      const float *xg = x + r * ldx + g * BLOCK;
+      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg), acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + 16), acc[r][1]);
+    }
+  }
+  for (int r = 0; r < rows; r++)
+    out[r * ldo] = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
+}
+
+/* q4_rows_avx512 for one row, written out: the same sums in the same order, in registers */
+static inline void q4_one_row_avx512(const float *x, int64_t k, const uint8_t *codes, const float *d,
+                                     const float *mins, __m512 iota_off, float *out) {
+  const int64_t blocks = k / BLOCK;
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 1 < blocks; g += 2) {
+    __m512 w0, w1, w2, w3;
+    q4_unpack(codes + g * 16, q4_lut(iota_off, d[g], mins[g]), &w0, &w1);
+    q4_unpack(codes + (g + 1) * 16, q4_lut(iota_off, d[g + 1], mins[g + 1]), &w2, &w3);
+    const float *xg = x + g * BLOCK;
+    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg), a0);
+    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + 16), a1);
+    a2 = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xg + 32), a2);
+    a3 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xg + 48), a3);
+  }
+  if (g < blocks) {
+    __m512 w0, w1;
+    q4_unpack(codes + g * 16, q4_lut(iota_off, d[g], mins[g]), &w0, &w1);
+    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + g * BLOCK), a0);
+    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + g * BLOCK + 16), a1);
+  }
+  *out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
 static void q4_row_avx512(const float *x, int64_t m_rows, int64_t k, int64_t ldx,
                           const uint8_t *codes, const float *d, const float *mins, float off,
                           float *out, int64_t ldo) {
   const __m512 iota_off = _mm512_add_ps(
       _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_ps(off));
-  const int64_t blocks = k / BLOCK;
-  if (m_rows == 1) { /* a decode step: four independent sums keep the FMA pipes busy */
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 1 < blocks; g += 2) {
-      __m512 w0, w1, w2, w3;
-      q4_unpack(codes + g * 16, q4_lut(iota_off, d[g], mins[g]), &w0, &w1);
-      q4_unpack(codes + (g + 1) * 16, q4_lut(iota_off, d[g + 1], mins[g + 1]), &w2, &w3);
-      const float *xg = x + g * BLOCK;
-      a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg), a0);
-      a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + 16), a1);
-      a2 = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xg + 32), a2);
-      a3 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xg + 48), a3);
-    }
-    for (; g < blocks; g++) {
-      __m512 w0, w1;
-      q4_unpack(codes + g * 16, q4_lut(iota_off, d[g], mins[g]), &w0, &w1);
-      a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + g * BLOCK), a0);
-      a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + g * BLOCK + 16), a1);
-    }
-    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  if (m_rows == 1) { /* a batch-1 decode step */
+    q4_one_row_avx512(x, k, codes, d, mins, iota_off, out);
     return;
   }
-  for (int64_t i0 = 0; i0 < m_rows; i0 += ROWS_AT_ONCE) {
-    const int64_t rows = m_rows - i0 < ROWS_AT_ONCE ? m_rows - i0 : ROWS_AT_ONCE;
-    __m512 lo[ROWS_AT_ONCE], hi[ROWS_AT_ONCE];
-    for (int r = 0; r < ROWS_AT_ONCE; r++) lo[r] = hi[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < blocks; g++) {
-      __m512 w0, w1;
-      q4_unpack(codes + g * 16, q4_lut(iota_off, d[g], mins[g]), &w0, &w1);
-      for (int r = 0; r < rows; r++) {
-        const float *xg = x + (i0 + r) * ldx + g * BLOCK;
-        lo[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg), lo[r]);
-        hi[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + 16), hi[r]);
-      }
+  for (int64_t i = 0; i < m_rows; i += ROWS_AT_ONCE) {
+    const float *xi = x + i * ldx;
+    float *oi = out + i * ldo;
+    switch (m_rows - i < ROWS_AT_ONCE ? m_rows - i : ROWS_AT_ONCE) {
+      case 1: q4_one_row_avx512(xi, k, codes, d, mins, iota_off, oi); break;
+      case 2: q4_rows_avx512(xi, 2, k, ldx, codes, d, mins, iota_off, oi, ldo); break;
+      case 3: q4_rows_avx512(xi, 3, k, ldx, codes, d, mins, iota_off, oi, ldo); break;
+      default: q4_rows_avx512(xi, 4, k, ldx, codes, d, mins, iota_off, oi, ldo); break;
     }
-    for (int r = 0; r < rows; r++) out[(i0 + r) * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(lo[r], hi[r]));
   }
 }
 
@@ -208,7 +246,8 @@ static void *worker_main(void *arg) {
     unsigned spins = 0;
     while (atomic_load_explicit(&pool_generation, memory_order_acquire) == seen) {
       cpu_relax();
-      if (++spins % 256 == 0 && now_ns() - spin_start > atomic_load_explicit(&pool_spin_ns, memory_order_relaxed)) {
+      const int64_t spin_ns = atomic_load_explicit(&pool_spin_ns, memory_order_relaxed);
+      if (++spins % 256 == 0 && now_ns() - spin_start > spin_ns) {
         pthread_mutex_lock(&pool_sleep);
         while (atomic_load(&pool_generation) == seen) pthread_cond_wait(&pool_wake, &pool_sleep);
         pthread_mutex_unlock(&pool_sleep);
@@ -282,14 +321,41 @@ int parrot_quant_simd(void) {
 #endif
 }
 
-typedef struct {
+typedef struct matmul_job matmul_job;
+/* one weight row against `rows` activation rows from x, results at out[i * ldo] */
+typedef void (*row_fn)(const matmul_job *j, const float *x, int64_t rows, int64_t row, float *out);
+
+struct matmul_job {
   const float *x;
   int64_t m_rows, k, ldx;
   const void *codes;
   const float *d, *mins, *off;
   float *out;
   int64_t ldo;
-} matmul_job;
+  row_fn row;
+};
+
+static void q4_row(const matmul_job *j, const float *x, int64_t rows, int64_t row, float *out) {
+  const int64_t blocks = j->k / BLOCK;
+  const uint8_t *codes = (const uint8_t *)j->codes + row * blocks * 16;
+#if defined(__AVX512F__)
+  q4_row_avx512(x, rows, j->k, j->ldx, codes, j->d + row * blocks, j->mins + row * blocks, j->off[row], out,
+                j->ldo);
+#else
+  q4_row_c(x, rows, j->k, j->ldx, codes, j->d + row * blocks, j->mins + row * blocks, j->off[row], out,
+           j->ldo);
+#endif
+}
+
+static void q8_row(const matmul_job *j, const float *x, int64_t rows, int64_t row, float *out) {
+  const int64_t blocks = j->k / BLOCK;
+  const int8_t *codes = (const int8_t *)j->codes + row * j->k;
+#if defined(__AVX512F__)
+  q8_row_avx512(x, rows, j->k, j->ldx, codes, j->d + row * blocks, out, j->ldo);
+#else
+  q8_row_c(x, rows, j->k, j->ldx, codes, j->d + row * blocks, out, j->ldo);
+#endif
+}
 
 static int64_t chunk_rows(int64_t k) {
   int64_t rows = L1_ROWS_BYTES / (k * (int64_t)sizeof(float));
@@ -297,42 +363,15 @@ static int64_t chunk_rows(int64_t k) {
   return rows < ROWS_AT_ONCE ? ROWS_AT_ONCE : rows;
 }
 
-static void q4_rows(const void *arg, int64_t begin, int64_t end) {
+/* weight rows [begin, end): a chunk of activation rows stays in L1 while this thread's
+ * weight rows (in L2) pass, chunk after chunk */
+static void matmul_rows(const void *arg, int64_t begin, int64_t end) {
   const matmul_job *j = arg;
-  const int64_t blocks = j->k / BLOCK;
-  /* a chunk of activation rows stays in L1 while this thread's weight rows (in L2) pass */
   const int64_t chunk = chunk_rows(j->k);
   for (int64_t i = 0; i < j->m_rows; i += chunk) {
     const int64_t rows = j->m_rows - i < chunk ? j->m_rows - i : chunk;
-    const float *x = j->x + i * j->ldx;
-    for (int64_t row = begin; row < end; row++) {
-      const uint8_t *codes = (const uint8_t *)j->codes + row * blocks * 16;
-#if defined(__AVX512F__)
-      q4_row_avx512(x, rows, j->k, j->ldx, codes, j->d + row * blocks, j->mins + row * blocks, j->off[row],
-                    j->out + i * j->ldo + row, j->ldo);
-#else
-      q4_row_c(x, rows, j->k, j->ldx, codes, j->d + row * blocks, j->mins + row * blocks, j->off[row],
-               j->out + i * j->ldo + row, j->ldo);
-#endif
-    }
-  }
-}
-
-static void q8_rows(const void *arg, int64_t begin, int64_t end) {
-  const matmul_job *j = arg;
-  const int64_t blocks = j->k / BLOCK;
-  const int64_t chunk = chunk_rows(j->k);
-  for (int64_t i = 0; i < j->m_rows; i += chunk) {
-    const int64_t rows = j->m_rows - i < chunk ? j->m_rows - i : chunk;
-    const float *x = j->x + i * j->ldx;
-    for (int64_t row = begin; row < end; row++) {
-      const int8_t *codes = (const int8_t *)j->codes + row * j->k;
-#if defined(__AVX512F__)
-      q8_row_avx512(x, rows, j->k, j->ldx, codes, j->d + row * blocks, j->out + i * j->ldo + row, j->ldo);
-#else
-      q8_row_c(x, rows, j->k, j->ldx, codes, j->d + row * blocks, j->out + i * j->ldo + row, j->ldo);
-#endif
-    }
+    for (int64_t row = begin; row < end; row++)
+      j->row(j, j->x + i * j->ldx, rows, row, j->out + i * j->ldo + row);
   }
 }
 
@@ -360,7 +399,8 @@ static void q8_dequantize_rows(const void *arg, int64_t begin, int64_t end) {
   const int64_t blocks = j->k / BLOCK;
   const int8_t *codes = j->codes;
   for (int64_t row = begin; row < end; row++)
-    for (int64_t i = 0; i < j->k; i++) j->out[row * j->k + i] = (float)codes[row * j->k + i] * j->d[row * blocks + i / BLOCK];
+    for (int64_t i = 0; i < j->k; i++)
+      j->out[row * j->k + i] = (float)codes[row * j->k + i] * j->d[row * blocks + i / BLOCK];
 }
 
 /* x [m_rows, k] (row stride ldx); codes [n, k/32, 16]; d, mins [n, k/32]; off [n];
@@ -368,25 +408,25 @@ static void q8_dequantize_rows(const void *arg, int64_t begin, int64_t end) {
 void parrot_q4_matmul(const float *x, int64_t m_rows, int64_t k, int64_t ldx, const uint8_t *codes,
                       const float *d, const float *mins, const float *off, float *out, int64_t n,
                       int64_t ldo, int threads) {
-  matmul_job job = {x, m_rows, k, ldx, codes, d, mins, off, out, ldo};
-  parallel_rows(q4_rows, &job, n, threads);
+  matmul_job job = {x, m_rows, k, ldx, codes, d, mins, off, out, ldo, q4_row};
+  parallel_rows(matmul_rows, &job, n, threads);
 }
 
 /* codes [n, k] int8; d [n, k/32] */
 void parrot_q8_matmul(const float *x, int64_t m_rows, int64_t k, int64_t ldx, const int8_t *codes,
                       const float *d, float *out, int64_t n, int64_t ldo, int threads) {
-  matmul_job job = {x, m_rows, k, ldx, codes, d, NULL, NULL, out, ldo};
-  parallel_rows(q8_rows, &job, n, threads);
+  matmul_job job = {x, m_rows, k, ldx, codes, d, NULL, NULL, out, ldo, q8_row};
+  parallel_rows(matmul_rows, &job, n, threads);
 }
 
 /* The float32 weights w [n, k] the blocks hold, for matmuls over many rows (a prefill). */
 void parrot_q4_dequantize(const uint8_t *codes, const float *d, const float *mins, const float *off,
                           int64_t n, int64_t k, float *w, int threads) {
-  matmul_job job = {NULL, 0, k, 0, codes, d, mins, off, w, 0};
+  matmul_job job = {NULL, 0, k, 0, codes, d, mins, off, w, 0, NULL};
   parallel_rows(q4_dequantize_rows, &job, n, threads);
 }
 
 void parrot_q8_dequantize(const int8_t *codes, const float *d, int64_t n, int64_t k, float *w, int threads) {
-  matmul_job job = {NULL, 0, k, 0, codes, d, NULL, NULL, w, 0};
+  matmul_job job = {NULL, 0, k, 0, codes, d, NULL, NULL, w, 0, NULL};
   parallel_rows(q8_dequantize_rows, &job, n, threads);
 }
