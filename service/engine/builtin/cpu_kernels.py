@@ -1,9 +1,10 @@
-"""The C matmuls on quantized weight blocks (csrc/quant_matmul.c), built at first use.
+"""The builtin engine's C kernels (csrc/), built at first use: matmuls on quantized weight
+blocks (quant_matmul.c), batch-1 decode attention (decode_attention.c), and the thread
+pool both run on (thread_pool.c).
 
-The source is compiled once per machine with the system C compiler for the machine's own
+The sources are compiled once per machine with the system C compiler for the machine's own
 instruction set (``-march=native``) and cached by a hash of the source, the compiler and
-the CPU, so a second process (or a second engine) loads the built library at once. The
-library runs its own small thread pool (see the source for why not OpenMP).
+the CPU, so a second process (or a second engine) loads the built library at once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("csrc") / "quant_matmul.c"
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("thread_pool.c", "quant_matmul.c", "decode_attention.c")]
+_HEADERS = [Path(__file__).with_name("csrc") / "thread_pool.h"]
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-pthread", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -59,22 +62,23 @@ def build(directory: Path, march: str = "native") -> ctypes.CDLL:
     """The library built for ``march`` (cached in ``directory``), loaded and declared."""
     cc = _compiler()
     if cc is None:
-        raise KernelBuildError("no C compiler (cc or gcc) to build the quantized matmuls")
+        raise KernelBuildError("no C compiler (cc or gcc) to build the CPU kernels")
     flags = [*_FLAGS, f"-march={march}"]
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in [*_SOURCES, *_HEADERS])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(source + version.encode() + " ".join(flags).encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
-    target = directory / f"quant_matmul-{key}.so"
+    target = directory / f"parrot_kernels-{key}.so"
     if not target.exists():
         directory.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename: processes starting together never load half a file.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
-        done = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
+        command = [cc, *flags, "-o", tmp, *map(str, _SOURCES), "-lm"]
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             os.unlink(tmp)
-            raise KernelBuildError(f"building {_SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+            raise KernelBuildError(f"building the CPU kernels failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     return _declare(ctypes.CDLL(str(target)))
 
@@ -90,6 +94,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.parrot_quant_simd.restype = ctypes.c_int
     lib.parrot_pool_spin.argtypes = [i64]
     lib.parrot_pool_spin.restype = None
+    lib.parrot_decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, p, i64, i64, ctypes.c_float, p, p,
+                                            i32]
+    lib.parrot_decode_attention.restype = None
     return lib
 
 
@@ -145,3 +152,24 @@ def few_rows() -> Iterator[None]:
         lib.parrot_pool_spin(0)
         torch.set_num_threads(count)
         _threads = None
+
+
+def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor | None,
+                     first: int, length: int, scale: float) -> torch.Tensor:
+    """One query token's attention over its keys in the pool, read in place (no gather).
+
+    ``q`` [1, H, D] float32; pools [KV, S, D] float32, contiguous; the keys are the pool
+    slots ``slots`` (int64 [L]) or, when None, ``first .. first + length``.
+    """
+    kv, pool_slots, d = k_pool.shape
+    heads = q.shape[1]
+    q = q.contiguous()
+    out = torch.empty(1, heads, d)
+    scratch = torch.empty(kv * 2 * heads // kv * (d + 2))
+    if slots is not None:
+        slots = slots.contiguous()
+    library().parrot_decode_attention(
+        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), kv, pool_slots, d, heads,
+        None if slots is None else slots.data_ptr(), first, length, scale, scratch.data_ptr(),
+        out.data_ptr(), threads())
+    return out

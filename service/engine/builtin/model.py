@@ -139,6 +139,10 @@ class LlamaRunner:
         self.device = device
         self.attention_backend = attention_backend
         self.dtype = hf_model.dtype
+        # With the quantized matmuls (float32, CPU) a lone decode row's attention runs in C
+        # too: its keys read in place, over the kernels' threads.
+        self.cpu_decode_attention = (self.quant.enabled and device.type == "cpu"
+                                     and self.dtype == torch.float32 and attention_backend != "triton")
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -261,7 +265,13 @@ class LlamaRunner:
         for group in batch.decode_groups if plan is None else ():
             rows = q[row:row + group.num_rows]
             row += group.num_rows
-            if group.slot_range is not None:
+            if self.cpu_decode_attention and group.num_rows == 1 and group.prefix_slots is None:
+                # One request's keys read in place by the C kernel (see cpu_kernels).
+                first, length = group.slot_range or (0, group.slot_table.shape[1])
+                slots = None if group.slot_range is not None else group.slot_table[0]
+                parts.append(cpu_kernels.decode_attention(rows, k_pool, v_pool, slots, first, length,
+                                                          self.scale))
+            elif group.slot_range is not None:
                 start, length = group.slot_range
                 parts.append(contiguous_decode_attention(
                     rows, k_pool[:, start:start + length], v_pool[:, start:start + length], self.scale))
