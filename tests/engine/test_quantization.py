@@ -269,3 +269,15 @@ async def test_weights_quantized_at_load_compute_with_their_quantized_values(tin
 def test_a_folder_model_cannot_ask_for_gguf_blocks(tiny_engine_factory):
     with pytest.raises(quant.QuantizationError, match="needs a .gguf model"):
         tiny_engine_factory(quantization="gguf")
+
+
+def test_a_failed_build_is_a_clear_error_and_auto_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.raises(cpu_kernels.KernelBuildError, match="building the CPU kernels failed"):
+        cpu_kernels.build(tmp_path / "fresh")
+    monkeypatch.setattr(quant, "kernels_available", lambda: False)
+    monkeypatch.setattr(quant, "gguf_has_int4", lambda path: True)
+    gguf = tmp_path / "model.gguf"
+    assert quant.resolve_quantization("auto", gguf=gguf, device=torch.device("cpu")).method == "none"
+    with pytest.raises(quant.QuantizationError, match="use --quantization none"):
+        quant.resolve_quantization("gguf", gguf=gguf, device=torch.device("cpu"))

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from parrot.service.engine.builtin import model_cache
+
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("thread_pool.c", "quant_matmul.c", "decode_attention.c")]
 _HEADERS = [Path(__file__).with_name("csrc") / "thread_pool.h"]
@@ -40,9 +42,8 @@ class KernelBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PARROT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "parrot")
-    return Path(root) / "kernels"
+    """Where built libraries are kept: ``kernels`` in Parrot's cache (see model_cache)."""
+    return model_cache.cache_dir() / "kernels"
 
 
 def _compiler() -> str | None:
