@@ -49,7 +49,7 @@ def test_gguf_blocks_hold_exactly_the_values_gguf_de_quantizes(kind):
     parsed, expected = _blocks(48, 96, kind)
     assert parsed is not None and parsed.codes.shape == (48, 96)
     assert torch.equal(parsed.dequantize(), expected)
-    # The kernels' own de-quantizer (used for long inputs) gives the same bits.
+    # Packed for the kernel, the blocks still hold the same bits.
     assert torch.equal(parsed.to_weight().dequantize(), expected)
 
 

@@ -88,10 +88,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.parrot_q4_matmul.argtypes = [p, i64, i64, i64, p, p, p, p, p, i64, i64, i32]
     lib.parrot_q8_matmul.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, i32]
-    lib.parrot_q4_dequantize.argtypes = [p, p, p, p, i64, i64, p, i32]
-    lib.parrot_q8_dequantize.argtypes = [p, p, i64, i64, p, i32]
-    for name in ("parrot_q4_matmul", "parrot_q8_matmul", "parrot_q4_dequantize", "parrot_q8_dequantize"):
-        getattr(lib, name).restype = None
+    lib.parrot_q4_matmul.restype = lib.parrot_q8_matmul.restype = None
     lib.parrot_quant_simd.restype = ctypes.c_int
     lib.parrot_pool_spin.argtypes = [i64]
     lib.parrot_pool_spin.restype = None
@@ -166,7 +163,7 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     heads = q.shape[1]
     q = q.contiguous()
     out = torch.empty(1, heads, d)
-    scratch = torch.empty(kv * 2 * heads // kv * (d + 2))
+    scratch = torch.empty(2 * heads * (d + 2))  # each head's partial sums, its keys split in at most two
     if slots is not None:
         slots = slots.contiguous()
     library().parrot_decode_attention(

@@ -102,12 +102,25 @@ def kernel_error() -> str | None:
 
 
 # ---- quantized weights ---------------------------------------------------------------
-def _as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    return x.reshape(-1, in_features).to(torch.float32).contiguous()
+def _q4_values(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+    """float32 weights of Q4 codes ``q`` [N, K/32, 32]: ``(q + off)*d + m``, a product then a sum
+    (two roundings), as gguf-py's de-quantizer computes them and the kernel does."""
+    return ((q.float() + off[:, None, None]) * d[..., None] + m[..., None]).reshape(q.shape[0], -1)
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+def _block_matmul(kernel, x: torch.Tensor, out_features: int, *weights: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` by a block kernel (csrc/quant_matmul.c) over ``weights``' tensors, in float32.
+
+    Any number of rows: on 2 cores the kernel keeps up with the BLAS on float32 weights up to
+    a 512-token prefill (10.0 against 9.4 ms for a 3072x576 matrix), and de-quantizing first
+    would cost more than that difference.
+    """
+    in_features = x.shape[-1]
+    rows = x.reshape(-1, in_features).to(torch.float32).contiguous()
+    out = torch.empty(rows.shape[0], out_features)
+    kernel(rows.data_ptr(), rows.shape[0], in_features, in_features, *(w.data_ptr() for w in weights),
+           out.data_ptr(), out_features, out_features, cpu_kernels.threads())
+    return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 
 class Q4Weight:
@@ -132,25 +145,13 @@ class Q4Weight:
         return self.codes.nbytes + self.d.nbytes + self.m.nbytes + self.off.nbytes
 
     def dequantize(self) -> torch.Tensor:
-        """float32 weights, each ``(q + off)*d + m`` rounded as gguf-py's de-quantizer rounds it
-        (what the kernel multiplies by; for checks)."""
-        n, k = self.out_features, self.in_features
-        w = torch.empty(n, k)
-        cpu_kernels.library().parrot_q4_dequantize(_ptr(self.codes), _ptr(self.d), _ptr(self.m),
-                                                   _ptr(self.off), n, k, _ptr(w), cpu_kernels.threads())
-        return w
+        """The float32 weights the packed blocks hold (for checks)."""
+        q = torch.cat([self.codes & 0x0F, self.codes >> 4], dim=-1)
+        return _q4_values(q, self.d, self.m, self.off)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # Any number of rows: on 2 cores the kernel keeps up with the BLAS on float32 weights
-        # up to a 512-token prefill (10.0 against 9.4 ms for a 3072x576 matrix), and
-        # de-quantizing first would cost more than that difference.
-        rows = _as_rows(x, self.in_features)
-        out = torch.empty(rows.shape[0], self.out_features)
-        cpu_kernels.library().parrot_q4_matmul(
-            _ptr(rows), rows.shape[0], self.in_features, self.in_features, _ptr(self.codes), _ptr(self.d),
-            _ptr(self.m), _ptr(self.off), _ptr(out), self.out_features, self.out_features,
-            cpu_kernels.threads())
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return _block_matmul(cpu_kernels.library().parrot_q4_matmul, x, self.out_features,
+                             self.codes, self.d, self.m, self.off)
 
 
 class Q8Weight:
@@ -167,19 +168,12 @@ class Q8Weight:
         return self.codes.nbytes + self.d.nbytes
 
     def dequantize(self) -> torch.Tensor:
-        n, k = self.out_features, self.in_features
-        w = torch.empty(n, k)
-        cpu_kernels.library().parrot_q8_dequantize(_ptr(self.codes), _ptr(self.d), n, k, _ptr(w),
-                                                   cpu_kernels.threads())
-        return w
+        """The float32 weights ``q*d`` (for checks)."""
+        q = self.codes.float().reshape(self.out_features, -1, _BLOCK)
+        return (q * self.d[..., None]).reshape(self.out_features, self.in_features)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _as_rows(x, self.in_features)
-        out = torch.empty(rows.shape[0], self.out_features)
-        cpu_kernels.library().parrot_q8_matmul(
-            _ptr(rows), rows.shape[0], self.in_features, self.in_features, _ptr(self.codes), _ptr(self.d),
-            _ptr(out), self.out_features, self.out_features, cpu_kernels.threads())
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return _block_matmul(cpu_kernels.library().parrot_q8_matmul, x, self.out_features, self.codes, self.d)
 
 
 Weight = torch.Tensor | Q4Weight | Q8Weight
@@ -247,11 +241,9 @@ class GgufBlocks:
 
     def dequantize(self) -> torch.Tensor:
         """float32 weights, with the arithmetic of gguf-py's (and so transformers') de-quantizer."""
-        q = self.codes.float().reshape(self.d.shape[0], -1, _BLOCK)
         if self.bits == 8:
-            return (q * self.d[..., None]).reshape(self.codes.shape)
-        w = (q + self.off[:, None, None]) * self.d[..., None] + self.m[..., None]
-        return w.reshape(self.codes.shape)
+            return self.to_weight().dequantize()
+        return _q4_values(self.codes.reshape(self.d.shape[0], -1, _BLOCK), self.d, self.m, self.off)
 
     def rows(self, order: torch.Tensor) -> GgufBlocks:
         return GgufBlocks(self.bits, self.codes[order], self.d[order], self.m[order], self.off[order])

@@ -254,34 +254,6 @@ static void matmul_rows(const void *arg, int64_t begin, int64_t end) {
   }
 }
 
-/* out [m_rows, k] row-major here is the float32 weights; the job's out is w */
-static void q4_dequantize_rows(const void *arg, int64_t begin, int64_t end) {
-  const matmul_job *j = arg;
-  const int64_t blocks = j->k / BLOCK;
-  for (int64_t row = begin; row < end; row++) {
-    for (int64_t g = 0; g < blocks; g++) {
-      const uint8_t *q = (const uint8_t *)j->codes + (row * blocks + g) * 16;
-      float *wg = j->out + row * j->k + g * BLOCK;
-      const float dg = j->d[row * blocks + g], mg = j->mins[row * blocks + g], off = j->off[row];
-      for (int i = 0; i < 16; i++) {
-        float low = ((float)(q[i] & 0x0F) + off) * dg;
-        float high = ((float)(q[i] >> 4) + off) * dg;
-        wg[i] = low + mg;
-        wg[i + 16] = high + mg;
-      }
-    }
-  }
-}
-
-static void q8_dequantize_rows(const void *arg, int64_t begin, int64_t end) {
-  const matmul_job *j = arg;
-  const int64_t blocks = j->k / BLOCK;
-  const int8_t *codes = j->codes;
-  for (int64_t row = begin; row < end; row++)
-    for (int64_t i = 0; i < j->k; i++)
-      j->out[row * j->k + i] = (float)codes[row * j->k + i] * j->d[row * blocks + i / BLOCK];
-}
-
 /* x [m_rows, k] (row stride ldx); codes [n, k/32, 16]; d, mins [n, k/32]; off [n];
  * out [m_rows, n] (row stride ldo) */
 void parrot_q4_matmul(const float *x, int64_t m_rows, int64_t k, int64_t ldx, const uint8_t *codes,
@@ -296,16 +268,4 @@ void parrot_q8_matmul(const float *x, int64_t m_rows, int64_t k, int64_t ldx, co
                       const float *d, float *out, int64_t n, int64_t ldo, int threads) {
   matmul_job job = {x, m_rows, k, ldx, codes, d, NULL, NULL, out, ldo, q8_row};
   parrot_parallel_rows(matmul_rows, &job, n, threads);
-}
-
-/* The float32 weights w [n, k] the blocks hold, for matmuls over many rows (a prefill). */
-void parrot_q4_dequantize(const uint8_t *codes, const float *d, const float *mins, const float *off,
-                          int64_t n, int64_t k, float *w, int threads) {
-  matmul_job job = {NULL, 0, k, 0, codes, d, mins, off, w, 0, NULL};
-  parrot_parallel_rows(q4_dequantize_rows, &job, n, threads);
-}
-
-void parrot_q8_dequantize(const int8_t *codes, const float *d, int64_t n, int64_t k, float *w, int threads) {
-  matmul_job job = {NULL, 0, k, 0, codes, d, NULL, NULL, w, 0, NULL};
-  parrot_parallel_rows(q8_dequantize_rows, &job, n, threads);
 }
