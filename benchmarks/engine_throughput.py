@@ -41,9 +41,13 @@ from parrot.service.engine.builtin import loader
 
 SYSTEMS = ("builtin", "hf-cb", "hf-generate", "llamacpp")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TARGET_VS_HF_CB = 5.0
-TARGET_VS_LLAMACPP = 1.0
+# The shared-prompt workload (many requests) against transformers and llama.cpp; one
+# request decodes at least as fast as llama.cpp, its step within 2x of its floor.
+TARGET_VS_HF_CB = 10.0
+TARGET_VS_LLAMACPP = 3.0
 TARGET_STEP_OVER_FLOOR = 3.0
+TARGET_VS_LLAMACPP_BATCH_1 = 1.0
+TARGET_STEP_OVER_FLOOR_BATCH_1 = 2.0
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -595,19 +599,22 @@ def print_floor(report: FloorReport | None, wl: Workload, bandwidth_gbs: float) 
     )
 
 
-def print_targets(results: list[Result | Skipped], floor: FloorReport | None) -> None:
+def print_targets(results: list[Result | Skipped], floor: FloorReport | None, wl: Workload) -> None:
     by_name = {r.system: r for r in results if isinstance(r, Result)}
     builtin = by_name.get("builtin")
     rows = []
-    for name, target in (("hf-cb", TARGET_VS_HF_CB), ("llamacpp", TARGET_VS_LLAMACPP)):
+    lone = wl.num_requests == 1
+    vs_llamacpp = TARGET_VS_LLAMACPP_BATCH_1 if lone else TARGET_VS_LLAMACPP
+    step_over_floor = TARGET_STEP_OVER_FLOOR_BATCH_1 if lone else TARGET_STEP_OVER_FLOOR
+    for name, target in (("hf-cb", TARGET_VS_HF_CB), ("llamacpp", vs_llamacpp)):
         other = by_name.get(name)
         if builtin and other:
             ratio = builtin.tokens_per_s / other.tokens_per_s
             rows.append((f"builtin vs {name} (tokens/s)", ratio, ratio >= target,
                          f">= {target:g}x"))
     if floor:
-        rows.append(("decode step / floor", floor.ratio, floor.ratio <= TARGET_STEP_OVER_FLOOR,
-                     f"<= {TARGET_STEP_OVER_FLOOR:g}x"))
+        rows.append(("decode step / floor", floor.ratio, floor.ratio <= step_over_floor,
+                     f"<= {step_over_floor:g}x"))
     table = Table(title="Targets")
     for col in ("ratio", "measured", "target", "met"):
         table.add_column(col)
@@ -695,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = decode_floor(stats, wl, bandwidth) if stats else None
     if stats:
         print_floor(floor, wl, bandwidth)
-    print_targets(results, floor)
+    print_targets(results, floor, wl)
     return 0
 
 

@@ -15,6 +15,7 @@ from parrot.service.engine.base import SamplingParams
 from parrot.service.engine.builtin import cpu_kernels, quant
 from parrot.service.engine.builtin.model import ForwardBatch
 from tests.conftest import run_request
+from tests.engine.test_attention_backend import NEW_TOKENS, PROMPTS, greedy_batch, hf_greedy
 
 pytestmark = pytest.mark.skipif(not quant.kernels_available(),
                                 reason=f"the quantized matmuls are not built: {quant.kernel_error()}")
@@ -234,6 +235,17 @@ def _int8_values(weights: torch.Tensor) -> torch.Tensor:
     return torch.round(weights / scales) * scales
 
 
+def _hold_quantized_values(hf, method: str) -> None:
+    """Give transformers' model the values the quantized matmuls hold (every linear, the LM
+    head too)."""
+    group = quant.parse_quantization(method)[1]
+    with torch.no_grad():
+        for module in hf.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight
+                w.copy_(_int8_values(w) if method == "int8wo" else _int4_values(w, group))
+
+
 @pytest.mark.parametrize("method", ["int4wo", "int4wo-64", "int8wo"])
 async def test_weights_quantized_at_load_compute_with_their_quantized_values(tiny_engine_factory, method):
     engine, hf = tiny_engine_factory(quantization=method)
@@ -241,12 +253,8 @@ async def test_weights_quantized_at_load_compute_with_their_quantized_values(tin
     ids = list(range(5, 45))
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
-        # transformers on the values the quantized matmuls hold (every linear, the LM head too)
-        group = quant.parse_quantization(method)[1]
-        for module in hf.modules():
-            if isinstance(module, torch.nn.Linear):
-                w = module.weight
-                w.copy_(_int8_values(w) if method == "int8wo" else _int4_values(w, group))
+    _hold_quantized_values(hf, method)
+    with torch.no_grad():
         fake = hf(torch.tensor([ids])).logits[0]
     got = _prefill_logits(engine, ids)
     assert torch.allclose(_prefill_logits(exact, ids), ref, atol=1e-4)
@@ -264,6 +272,33 @@ async def test_weights_quantized_at_load_compute_with_their_quantized_values(tin
     assert tokens == expected and last.finish_reason == "length"
     await engine.shutdown()
     await exact.shutdown()
+
+
+async def test_batched_plain_and_two_phase_rows_decode_like_transformers(tiny_engine_factory, tokenizer,
+                                                                        monkeypatch):
+    """Groups of decode rows with and without a shared prefix, and short prefill chunks after
+    a cached prefix, all in the C attention, give transformers' greedy tokens."""
+    decodes: list[tuple[int, bool]] = []  # (rows, shares a prefix) of each group set up
+    prefills: list[tuple[int, bool]] = []  # (tokens, after a cached prefix) of each chunk
+
+    class Recorded(cpu_kernels.DecodeAttention):
+        def __init__(self, rows, *args, lengths, prefix=None, **kwargs):
+            super().__init__(rows, *args, lengths=lengths, prefix=prefix, **kwargs)
+            causal = rows > 1 and lengths.tolist() == list(range(1, rows + 1))
+            (prefills if causal else decodes).append((rows, prefix is not None))
+
+    monkeypatch.setattr(cpu_kernels, "DecodeAttention", Recorded)
+    engine, hf = tiny_engine_factory(quantization="int4wo", two_phase_min_saved_tokens=1)
+    _hold_quantized_values(hf, "int4wo")
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    try:
+        outputs = await greedy_batch(engine, prompts)
+    finally:
+        await engine.shutdown()
+    assert outputs == [hf_greedy(hf, ids, NEW_TOKENS) for ids in prompts]
+    assert any(rows > 1 and shared for rows, shared in decodes), decodes
+    assert any(rows > 1 and not shared for rows, shared in decodes), decodes
+    assert any(shared for _, shared in prefills) and any(not shared for _, shared in prefills), prefills
 
 
 def test_a_folder_model_cannot_ask_for_gguf_blocks(tiny_engine_factory):

@@ -73,12 +73,14 @@ def group_by_shared_prefix(
 
 
 def _table(rows: list[list[int]], device: torch.device, dtype: torch.dtype):
-    lengths = [len(r) for r in rows]
-    width = max(lengths)
+    """The rows' slots padded to one width, the mask of the padding (None when there is
+    none) and each row's length."""
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    width = max(len(r) for r in rows)
     table = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
-    if min(lengths) == width:
-        return table, None
-    return table, additive_mask(torch.tensor(lengths, device=device), width, dtype)
+    if all(len(r) == width for r in rows):
+        return table, None, lengths
+    return table, additive_mask(lengths, width, dtype), lengths
 
 
 def _consecutive(rows: list[list[int]], prefix_len: int) -> tuple[int, int] | None:
@@ -109,11 +111,12 @@ def build_forward_batch(
             out_slots.append(req.slots[pos])
             samplers.append(req)
         rows = [r.slots[prefix_len:r.num_computed + 1] for r in members]
-        table, mask = _table(rows, device, dtype)
+        table, mask, lengths = _table(rows, device, dtype)
         prefix = None
         if prefix_len:
             prefix = torch.tensor(members[0].slots[:prefix_len], dtype=torch.long, device=device)
-        decode_groups.append(DecodeGroup(len(members), table, mask, prefix, _consecutive(rows, prefix_len)))
+        decode_groups.append(DecodeGroup(len(members), table, mask, prefix, _consecutive(rows, prefix_len),
+                                         lengths))
     prefills = []
     for req, n in batch.prefills:
         start = req.num_computed

@@ -1,5 +1,5 @@
 """The builtin engine's C kernels (csrc/), built at first use: matmuls on quantized weight
-blocks (quant_matmul.c), batch-1 decode attention (decode_attention.c), and the thread
+blocks (quant_matmul.c), decode attention (decode_attention.c), and the thread
 pool both run on (thread_pool.c).
 
 The sources are compiled once per machine with the system C compiler for the machine's own
@@ -92,9 +92,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.parrot_quant_simd.restype = ctypes.c_int
     lib.parrot_pool_spin.argtypes = [i64]
     lib.parrot_pool_spin.restype = None
-    lib.parrot_decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, p, i64, i64, ctypes.c_float, p, p,
-                                            i32]
+    lib.parrot_decode_attention.argtypes = [p, i64, p, p, i64, i64, i64, i64, i64, p, i64, p, i64, i64, p,
+                                            ctypes.c_float, p, p, i32]
     lib.parrot_decode_attention.restype = None
+    lib.parrot_decode_attention_scratch.argtypes = [i64, i64, i64, i32]
+    lib.parrot_decode_attention_scratch.restype = i64
     return lib
 
 
@@ -152,22 +154,54 @@ def few_rows() -> Iterator[None]:
         _threads = None
 
 
-def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor | None,
-                     first: int, length: int, scale: float) -> torch.Tensor:
-    """One query token's attention over its keys in the pool, read in place (no gather).
+class DecodeAttention:
+    """Decode attention, one query token a row, over keys read in place in the pool; set up
+    once for a step's group of rows and run in every layer.
 
-    ``q`` [1, H, D] float32; pools [KV, S, D] float32, contiguous; the keys are the pool
-    slots ``slots`` (int64 [L]) or, when None, ``first .. first + length``.
+    Row b attends to the shared ``prefix`` slots (int64 [P], optional) and then to its own
+    keys: ``table[b, :lengths[b]]`` (int64), or for a lone row without a table the
+    consecutive slots ``first .. first + lengths[0]``.
     """
-    kv, pool_slots, d = k_pool.shape
-    heads = q.shape[1]
-    q = q.contiguous()
-    out = torch.empty(1, heads, d)
-    scratch = torch.empty(2 * heads * (d + 2))  # each head's partial sums, its keys split in at most two
-    if slots is not None:
-        slots = slots.contiguous()
-    library().parrot_decode_attention(
-        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), kv, pool_slots, d, heads,
-        None if slots is None else slots.data_ptr(), first, length, scale, scratch.data_ptr(),
-        out.data_ptr(), threads())
-    return out
+
+    def __init__(self, rows: int, heads: int, head_dim: int, scale: float, *, table: torch.Tensor | None,
+                 lengths: torch.Tensor, first: int = 0, prefix: torch.Tensor | None = None) -> None:
+        if table is None and rows != 1:
+            raise ValueError("consecutive keys (no table) serve a lone row only")
+        self._lib = library()
+        self._threads = threads()
+        self._shape = (rows, heads, head_dim)
+        # kept here: the kernel reads them through raw pointers
+        self._lengths = lengths.to(torch.long).contiguous()
+        self._table = None if table is None else table.to(torch.long).contiguous()
+        self._prefix = None if prefix is None else prefix.to(torch.long).contiguous()
+        self._scratch = torch.empty(self._lib.parrot_decode_attention_scratch(rows, heads, head_dim,
+                                                                             self._threads))
+        self._args = (
+            rows, None if self._prefix is None else self._prefix.data_ptr(),
+            0 if self._prefix is None else self._prefix.numel(),
+            None if self._table is None else self._table.data_ptr(),
+            0 if self._table is None else self._table.stride(0), first, self._lengths.data_ptr(),
+            scale, self._scratch.data_ptr())
+
+    def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """``q`` [B, H, D] float32 (each row's H x D values contiguous, rows may be strided);
+        pools [KV, S, D] float32, contiguous."""
+        kv, pool_slots, d = k_pool.shape
+        if q.shape != self._shape:
+            raise ValueError(f"q has shape {tuple(q.shape)}, the attention was set up for {self._shape}")
+        if q.stride(2) != 1 or q.stride(1) != d:
+            q = q.contiguous()
+        out = torch.empty(self._shape)
+        self._lib.parrot_decode_attention(q.data_ptr(), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(),
+                                          kv, pool_slots, d, q.shape[1], *self._args, out.data_ptr(),
+                                          self._threads)
+        return out
+
+
+def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float, *,
+                     table: torch.Tensor | None, lengths: torch.Tensor, first: int = 0,
+                     prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """DecodeAttention set up and run once."""
+    rows, heads, d = q.shape
+    return DecodeAttention(rows, heads, d, scale, table=table, lengths=lengths, first=first,
+                           prefix=prefix)(q, k_pool, v_pool)

@@ -36,6 +36,9 @@ from parrot.service.kernels.attention import (
 
 AttentionBackend = Literal["torch", "triton"]
 AttentionBackendOption = Literal["auto", "torch", "triton"]
+# A prefill chunk of at most this many tokens runs in the C attention on CPU (the rest of a
+# prompt after its cached prefix, typically); longer chunks are dense enough for torch's.
+SHORT_PREFILL = 64
 
 
 @dataclass
@@ -53,6 +56,7 @@ class DecodeGroup:
     # A lone row whose keys sit in consecutive slots [start, start + length): attention reads
     # them in place, with no gather (batch-1 decode on an unfragmented pool).
     slot_range: tuple[int, int] | None = None
+    lengths: torch.Tensor | None = None  # [B] each row's keys in slot_table (None: all of them)
 
 
 @dataclass
@@ -65,6 +69,14 @@ class ForwardBatch:
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (row, n, key slots)
     logit_rows: torch.Tensor | None = None  # [R] rows to compute logits for
+
+
+@dataclass
+class _CpuPlans:
+    """A step's attention in the C kernel, set up once for all layers."""
+
+    decode: list[cpu_kernels.DecodeAttention]  # one per decode group
+    prefill: list[cpu_kernels.DecodeAttention | None]  # one per prefill chunk; None: torch's
 
 
 @dataclass
@@ -139,8 +151,8 @@ class LlamaRunner:
         self.device = device
         self.attention_backend = attention_backend
         self.dtype = hf_model.dtype
-        # With the quantized matmuls (float32, CPU) a lone decode row's attention runs in C
-        # too: its keys read in place, over the kernels' threads.
+        # With the quantized matmuls (float32, CPU) decode attention runs in C too: keys read
+        # in place, a group's shared prefix once for all its rows, over the kernels' threads.
         self.cpu_decode_attention = (self.quant.enabled and device.type == "cpu"
                                      and self.dtype == torch.float32 and attention_backend != "triton")
         self.num_layers = config.num_hidden_layers
@@ -230,6 +242,7 @@ class LlamaRunner:
         plan = None
         if self.attention_backend == "triton" and batch.decode_groups:
             plan = triton_attention.plan_decode(batch.decode_groups, h, kv, self.device)
+        cpu_plans = self._cpu_attention_plans(batch) if self.cpu_decode_attention else None
         qk = h + kv
         for i, layer in enumerate(self.layers):
             qkv = linear(_rms_norm(x, layer.input_norm, self.eps), layer.qkv, layer.qkv_bias)
@@ -244,7 +257,7 @@ class LlamaRunner:
             v = qkv[:, qk * d:].view(num_tokens, kv, d)
             self.k_pool[i].index_copy_(1, batch.out_slots, k.transpose(0, 1))
             self.v_pool[i].index_copy_(1, batch.out_slots, v.transpose(0, 1))
-            attn = self._attention(q, i, batch, plan)
+            attn = self._attention(q, i, batch, plan, cpu_plans)
             x = x + linear(attn.reshape(num_tokens, h * d), layer.o_proj)
             gate, up = linear(_rms_norm(x, layer.post_norm, self.eps), layer.gate_up).chunk(2, -1)
             x = x + linear(F.silu(gate) * up, layer.down)
@@ -252,8 +265,37 @@ class LlamaRunner:
             x = x.index_select(0, batch.logit_rows)
         return linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head).float()
 
+    def _cpu_attention_plans(self, batch: ForwardBatch) -> _CpuPlans:
+        """The C kernel set up for each decode group, and for each short prefill chunk: its
+        tokens are rows whose shared prefix is the request's cached keys and whose own keys
+        run causally up to themselves. Long chunks stay with torch's flash attention."""
+        prefills: list[cpu_kernels.DecodeAttention | None] = []
+        for _, n, key_slots in batch.prefills:
+            if n > SHORT_PREFILL:
+                prefills.append(None)
+                continue
+            start = key_slots.shape[0] - n
+            prefills.append(cpu_kernels.DecodeAttention(
+                n, self.num_heads, self.head_dim, self.scale, table=key_slots[start:].expand(n, n),
+                lengths=torch.arange(1, n + 1), prefix=key_slots[:start] if start else None))
+        return _CpuPlans([self._cpu_decode_attention(group) for group in batch.decode_groups], prefills)
+
+    def _cpu_decode_attention(self, group: DecodeGroup) -> cpu_kernels.DecodeAttention:
+        """The C kernel set up for one decode group (see cpu_kernels.DecodeAttention)."""
+        n, h, d = group.num_rows, self.num_heads, self.head_dim
+        if group.slot_range is not None:
+            first, length = group.slot_range
+            return cpu_kernels.DecodeAttention(n, h, d, self.scale, table=None, first=first,
+                                               lengths=torch.tensor([length]))
+        lengths = group.lengths
+        if lengths is None:
+            lengths = torch.full((n,), group.slot_table.shape[1])
+        return cpu_kernels.DecodeAttention(n, h, d, self.scale, table=group.slot_table, lengths=lengths,
+                                           prefix=group.prefix_slots)
+
     def _attention(self, q: torch.Tensor, layer: int, batch: ForwardBatch,
-                   plan: triton_attention.DecodePlan | None = None) -> torch.Tensor:
+                   plan: triton_attention.DecodePlan | None = None,
+                   cpu_plans: _CpuPlans | None = None) -> torch.Tensor:
         k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]
         parts = []
         row = 0
@@ -262,15 +304,12 @@ class LlamaRunner:
             # rows come first in the batch, so they are q's first plan.num_rows rows.
             parts.append(triton_attention.decode_attention_triton(
                 q[:plan.num_rows].contiguous(), k_pool, v_pool, plan, self.scale))
-        for group in batch.decode_groups if plan is None else ():
+        for index, group in enumerate(batch.decode_groups if plan is None else ()):
             rows = q[row:row + group.num_rows]
             row += group.num_rows
-            if self.cpu_decode_attention and group.num_rows == 1 and group.prefix_slots is None:
-                # One request's keys read in place by the C kernel (see cpu_kernels).
-                first, length = group.slot_range or (0, group.slot_table.shape[1])
-                slots = None if group.slot_range is not None else group.slot_table[0]
-                parts.append(cpu_kernels.decode_attention(rows, k_pool, v_pool, slots, first, length,
-                                                          self.scale))
+            if cpu_plans is not None:
+                # Keys read in place by the C kernel, the prefix once for a group (see cpu_kernels).
+                parts.append(cpu_plans.decode[index](rows, k_pool, v_pool))
             elif group.slot_range is not None:
                 start, length = group.slot_range
                 parts.append(contiguous_decode_attention(
@@ -282,7 +321,10 @@ class LlamaRunner:
                 parts.append(shared_prefix_decode_attention(
                     rows, k_pool, v_pool, group.prefix_slots, group.slot_table, group.mask,
                     self.scale))
-        for row, n, key_slots in batch.prefills:
+        for index, (row, n, key_slots) in enumerate(batch.prefills):
+            if cpu_plans is not None and (prefill := cpu_plans.prefill[index]) is not None:
+                parts.append(prefill(q[row:row + n], k_pool, v_pool))
+                continue
             k = k_pool.index_select(1, key_slots)
             v = v_pool.index_select(1, key_slots)
             parts.append(prefill_attention(q[row:row + n], k, v, self.scale))
