@@ -277,7 +277,8 @@ async def test_weights_quantized_at_load_compute_with_their_quantized_values(tin
 async def test_batched_plain_and_two_phase_rows_decode_like_transformers(tiny_engine_factory, tokenizer,
                                                                         monkeypatch):
     """Groups of decode rows with and without a shared prefix, and short prefill chunks after
-    a cached prefix, all in the C attention, give transformers' greedy tokens."""
+    a cached prefix, all in the C attention (and the layers' other work in C too), give
+    transformers' greedy tokens."""
     decodes: list[tuple[int, bool]] = []  # (rows, shares a prefix) of each group set up
     prefills: list[tuple[int, bool]] = []  # (tokens, after a cached prefix) of each chunk
 
@@ -290,6 +291,14 @@ async def test_batched_plain_and_two_phase_rows_decode_like_transformers(tiny_en
     monkeypatch.setattr(cpu_kernels, "DecodeAttention", Recorded)
     engine, hf = tiny_engine_factory(quantization="int4wo", two_phase_min_saved_tokens=1)
     _hold_quantized_values(hf, "int4wo")
+    layers_in_c = engine.runner._layers_in_c
+    steps_in_c = []  # steps of a few rows whose layers' glue ran in C too
+
+    def counted(x, *args):
+        steps_in_c.append(x.shape[0])
+        return layers_in_c(x, *args)
+
+    monkeypatch.setattr(engine.runner, "_layers_in_c", counted)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     try:
         outputs = await greedy_batch(engine, prompts)
@@ -299,6 +308,7 @@ async def test_batched_plain_and_two_phase_rows_decode_like_transformers(tiny_en
     assert any(rows > 1 and shared for rows, shared in decodes), decodes
     assert any(rows > 1 and not shared for rows, shared in decodes), decodes
     assert any(shared for _, shared in prefills) and any(not shared for _, shared in prefills), prefills
+    assert any(rows > 1 for rows in steps_in_c), steps_in_c
 
 
 def test_a_folder_model_cannot_ask_for_gguf_blocks(tiny_engine_factory):

@@ -1,6 +1,7 @@
 """The builtin engine's C kernels (csrc/), built at first use: matmuls on quantized weight
-blocks (quant_matmul.c), decode attention (decode_attention.c), and the thread
-pool both run on (thread_pool.c).
+blocks (quant_matmul.c), decode attention (decode_attention.c), the rest of a decoder
+layer for steps of a few rows (decoder_layer.c), and the thread pool they run on
+(thread_pool.c).
 
 The sources are compiled once per machine with the system C compiler for the machine's own
 instruction set (``-march=native``) and cached by a hash of the source, the compiler and
@@ -26,8 +27,9 @@ import torch
 from parrot.service.engine.builtin import model_cache
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("thread_pool.c", "quant_matmul.c", "decode_attention.c")]
-_HEADERS = [Path(__file__).with_name("csrc") / "thread_pool.h"]
+            for name in ("thread_pool.c", "quant_matmul.c", "decode_attention.c", "decoder_layer.c")]
+_HEADERS = [Path(__file__).with_name("csrc") / name
+            for name in ("thread_pool.h", "quant_matmul.h", "vector_exp.h")]
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-pthread", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -39,6 +41,14 @@ FEW_ROWS = 16  # a step of at most this many tokens runs under few_rows
 
 class KernelBuildError(RuntimeError):
     pass
+
+
+class WeightRef(ctypes.Structure):
+    """A matrix of 4- or 8-bit blocks as the C kernels take it (``parrot_weight``)."""
+
+    _fields_ = [("bits", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("codes", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p),
+                ("off", ctypes.c_void_p)]
 
 
 def cache_dir() -> Path:
@@ -97,6 +107,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.parrot_decode_attention.restype = None
     lib.parrot_decode_attention_scratch.argtypes = [i64, i64, i64, i32]
     lib.parrot_decode_attention_scratch.restype = i64
+    f32, weight = ctypes.c_float, ctypes.POINTER(WeightRef)
+    lib.parrot_attention_input.argtypes = [p, i64, i64, p, f32, weight, p, i64, i64, i64, p, p, p, p, i64, p,
+                                           p, p, i32]
+    lib.parrot_mlp_block.argtypes = [p, i64, i64, i64, p, weight, p, f32, weight, weight, p, i32]
+    lib.parrot_attention_input.restype = lib.parrot_mlp_block.restype = None
     return lib
 
 

@@ -20,6 +20,8 @@ from transformers import PreTrainedModel
 from parrot.service.engine.builtin import cpu_kernels
 from parrot.service.engine.builtin.quant import (
     GgufBlockSource,
+    Q4Weight,
+    Q8Weight,
     QuantConfig,
     Weight,
     linear,
@@ -171,6 +173,14 @@ class LlamaRunner:
         self.rotary = inner.rotary_emb.to(device)
         self.layers = [self._fuse(i, layer) for i, layer in enumerate(inner.layers)]
         self._gguf = None  # the file's tensors are no longer needed
+        # With every layer's matrices in blocks, a step of a few rows runs each layer's work
+        # around the attention in C too (csrc/decoder_layer.c).
+        self._layer_refs: list[tuple[cpu_kernels.WeightRef, ...]] | None = None
+        matrices = [(layer.qkv, layer.o_proj, layer.gate_up, layer.down) for layer in self.layers]
+        if (self.cpu_decode_attention and self.head_dim % 2 == 0 and self.head_dim <= 512
+                and all(layer.q_norm is None for layer in self.layers)
+                and all(isinstance(m, Q4Weight | Q8Weight) for ms in matrices for m in ms)):
+            self._layer_refs = [tuple(m.ref() for m in ms) for ms in matrices]  # type: ignore[union-attr]
 
         shape = (self.num_kv_heads, num_kv_slots, self.head_dim)  # head-major, see kernels
         self.k_pool = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
@@ -234,7 +244,7 @@ class LlamaRunner:
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         num_tokens = batch.input_ids.shape[0]
-        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        h, kv = self.num_heads, self.num_kv_heads
         x = F.embedding(batch.input_ids, self.embed)
         cos, sin = self.rotary(x, batch.positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, D]
@@ -243,6 +253,47 @@ class LlamaRunner:
         if self.attention_backend == "triton" and batch.decode_groups:
             plan = triton_attention.plan_decode(batch.decode_groups, h, kv, self.device)
         cpu_plans = self._cpu_attention_plans(batch) if self.cpu_decode_attention else None
+        if (self._layer_refs is not None and cpu_plans is not None and num_tokens <= cpu_kernels.FEW_ROWS
+                and None not in cpu_plans.prefill):
+            x = self._layers_in_c(x, cos, sin, batch, cpu_plans)
+        else:
+            x = self._layers_in_torch(x, cos, sin, batch, plan, cpu_plans)
+        if batch.logit_rows is not None:
+            x = x.index_select(0, batch.logit_rows)
+        return linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head).float()
+
+    def _layers_in_c(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                     plans: _CpuPlans) -> torch.Tensor:
+        """The decoder layers of a step of a few rows: each layer's work around its attention
+        in two C calls (csrc/decoder_layer.c) instead of a dozen small torch ops."""
+        lib, threads = cpu_kernels.library(), cpu_kernels.threads()
+        n, hidden = x.shape
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        inter = self.layers[0].gate_up.out_features // 2
+        x = x.contiguous()
+        cos, sin = cos.reshape(n, d).contiguous(), sin.reshape(n, d).contiguous()
+        qkv, normed = torch.empty(n, (h + 2 * kv) * d), torch.empty(n, hidden)
+        scratch = torch.empty(n * (hidden + 3 * inter))
+        q = qkv.view(n, h + 2 * kv, d)[:, :h]
+        slots = batch.out_slots.contiguous()
+        refs = self._layer_refs or []
+        for i, (layer, (qkv_w, o_w, gate_up_w, down_w)) in enumerate(zip(self.layers, refs, strict=True)):
+            bias = None if layer.qkv_bias is None else layer.qkv_bias.data_ptr()
+            lib.parrot_attention_input(
+                x.data_ptr(), n, hidden, layer.input_norm.data_ptr(), self.eps, qkv_w, bias, h, kv, d,
+                cos.data_ptr(), sin.data_ptr(), self.k_pool[i].data_ptr(), self.v_pool[i].data_ptr(),
+                self.k_pool[i].shape[1], slots.data_ptr(), normed.data_ptr(), qkv.data_ptr(), threads)
+            attn = self._attention(q, i, batch, None, plans)
+            lib.parrot_mlp_block(x.data_ptr(), n, hidden, inter, attn.data_ptr(), o_w,
+                                 layer.post_norm.data_ptr(), self.eps, gate_up_w, down_w, scratch.data_ptr(),
+                                 threads)
+        return x
+
+    def _layers_in_torch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                         plan: triton_attention.DecodePlan | None,
+                         cpu_plans: _CpuPlans | None) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qk = h + kv
         for i, layer in enumerate(self.layers):
             qkv = linear(_rms_norm(x, layer.input_norm, self.eps), layer.qkv, layer.qkv_bias)
@@ -261,9 +312,7 @@ class LlamaRunner:
             x = x + linear(attn.reshape(num_tokens, h * d), layer.o_proj)
             gate, up = linear(_rms_norm(x, layer.post_norm, self.eps), layer.gate_up).chunk(2, -1)
             x = x + linear(F.silu(gate) * up, layer.down)
-        if batch.logit_rows is not None:
-            x = x.index_select(0, batch.logit_rows)
-        return linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head).float()
+        return x
 
     def _cpu_attention_plans(self, batch: ForwardBatch) -> _CpuPlans:
         """The C kernel set up for each decode group, and for each short prefill chunk: its

@@ -153,6 +153,11 @@ class Q4Weight:
         return _block_matmul(cpu_kernels.library().parrot_q4_matmul, x, self.out_features,
                              self.codes, self.d, self.m, self.off)
 
+    def ref(self) -> cpu_kernels.WeightRef:
+        """This matrix as the C layer kernels take it (valid while this object lives)."""
+        return cpu_kernels.WeightRef(4, self.out_features, self.in_features, self.codes.data_ptr(),
+                                     self.d.data_ptr(), self.m.data_ptr(), self.off.data_ptr())
+
 
 class Q8Weight:
     """``[N, K]`` weights in blocks of 32 signed bytes with a float32 scale: ``w = q*d``."""
@@ -174,6 +179,11 @@ class Q8Weight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _block_matmul(cpu_kernels.library().parrot_q8_matmul, x, self.out_features, self.codes, self.d)
+
+    def ref(self) -> cpu_kernels.WeightRef:
+        """This matrix as the C layer kernels take it (valid while this object lives)."""
+        return cpu_kernels.WeightRef(8, self.out_features, self.in_features, self.codes.data_ptr(),
+                                     self.d.data_ptr(), None, None)
 
 
 Weight = torch.Tensor | Q4Weight | Q8Weight

@@ -24,6 +24,7 @@
 #endif
 
 #include "thread_pool.h"
+#include "vector_exp.h"
 
 #define PREFIX_CHUNK 128 /* prefix keys whose scores for all queries are held at once */
 
@@ -58,25 +59,6 @@ static inline void add_scaled(float *acc, float p, const float *v, int64_t d) {
   for (int64_t i = 0; i < d; i++) acc[i] += p * v[i];
 }
 
-#if defined(__AVX512F__)
-/* e^x for x <= 0 (scores less their max): Cephes' expf, range-reduced by 2^n, within
- * 2 ulp of libm; far below zero it gives 0 */
-static inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
 
 /* s[i] = e^(s[i] - max) for i < n; returns their sum */
 static float exp_less_max(float *s, int64_t n, float max) {
@@ -85,7 +67,7 @@ static float exp_less_max(float *s, int64_t n, float max) {
   const __m512 m = _mm512_set1_ps(max);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 lanes = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-    const __m512 p = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + i), m));
+    const __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + i), m));
     _mm512_mask_storeu_ps(s + i, lanes, p);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(lanes, p));
   }
@@ -209,10 +191,10 @@ static void prefix_partial_avx512(const attention_job *j, int64_t head, int64_t 
       __m512 chunk_max = _mm512_set1_ps(-INFINITY);
       for (int64_t k = 0; k < n; k++) chunk_max = _mm512_max_ps(chunk_max, _mm512_loadu_ps(s + k * w + v * 16));
       const __m512 old_max = _mm512_loadu_ps(m + v * 16), new_max = _mm512_max_ps(old_max, chunk_max);
-      const __m512 rescale = exp_nonpositive(_mm512_sub_ps(old_max, new_max));
+      const __m512 rescale = exp512(_mm512_sub_ps(old_max, new_max));
       __m512 sum = _mm512_setzero_ps();
       for (int64_t k = 0; k < n; k++) {
-        const __m512 p = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + k * w + v * 16), new_max));
+        const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + k * w + v * 16), new_max));
         _mm512_storeu_ps(s + k * w + v * 16, p);
         sum = _mm512_add_ps(sum, p);
       }

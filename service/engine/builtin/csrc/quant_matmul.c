@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "quant_matmul.h"
 #include "thread_pool.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -268,4 +269,11 @@ void parrot_q8_matmul(const float *x, int64_t m_rows, int64_t k, int64_t ldx, co
                       const float *d, float *out, int64_t n, int64_t ldo, int threads) {
   matmul_job job = {x, m_rows, k, ldx, codes, d, NULL, NULL, out, ldo, q8_row};
   parrot_parallel_rows(matmul_rows, &job, n, threads);
+}
+
+void parrot_weight_matmul(const parrot_weight *w, const float *x, int64_t rows, float *out, int threads) {
+  if (w->bits == 4)
+    parrot_q4_matmul(x, rows, w->k, w->k, w->codes, w->d, w->m, w->off, out, w->n, w->n, threads);
+  else
+    parrot_q8_matmul(x, rows, w->k, w->k, w->codes, w->d, out, w->n, w->n, threads);
 }
