@@ -8,7 +8,9 @@ the VM (``parrot.vm``) decides what to send and when.
 
 from __future__ import annotations
 
+import functools
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -37,6 +39,13 @@ M = TypeVar("M", bound=BaseModel)
 MAX_POLL_S = 30.0
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default TLS settings, built once: building them reads the CA bundle (about
+    20 ms of CPU), which a session per user or per framework invocation would pay each time."""
+    return httpx.create_ssl_context()
+
+
 class ServiceClient:
     """Async client of one Parrot service. Create and use it on one event loop."""
 
@@ -47,7 +56,7 @@ class ServiceClient:
         # pool=None: a request waiting for a free connection (many long-polls at once)
         # waits for one instead of failing.
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers,
+            base_url=self.base_url, headers=headers, verify=_tls_context(),
             timeout=httpx.Timeout(timeout, pool=None),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
         )

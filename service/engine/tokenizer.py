@@ -8,6 +8,7 @@ tokenizing of its own, only the same vocabulary.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +20,10 @@ T = TypeVar("T")
 # (the tokenizer releases the GIL), so the event loop keeps answering other requests: a
 # 4 MiB text takes about 2 s. Shorter ones cost less than the thread hop.
 OFF_LOOP_CHARS = 32_768
+# Template text recurs in every call of a semantic function (a system prompt, instructions):
+# encodings of texts up to this long are kept, this many of them, most recent first.
+CACHED_TEXT_CHARS = 16_384
+CACHED_TEXTS = 256
 
 
 async def off_loop(chars: int, fn: Callable[..., T], *args: Any) -> T:
@@ -34,6 +39,7 @@ class ModelTokenizer:
     def __init__(self, hf_tokenizer: Any, model_name: str) -> None:
         self.hf = hf_tokenizer
         self.model_name = model_name
+        self._cached_encode = functools.lru_cache(maxsize=CACHED_TEXTS)(self._encode)
 
     @classmethod
     def from_path(cls, path: str | Path, model_name: str) -> ModelTokenizer:
@@ -44,7 +50,12 @@ class ModelTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens."""
-        return self.hf.encode(text, add_special_tokens=False)
+        if len(text) <= CACHED_TEXT_CHARS:
+            return list(self._cached_encode(text))
+        return list(self._encode(text))
+
+    def _encode(self, text: str) -> tuple[int, ...]:
+        return tuple(self.hf.encode(text, add_special_tokens=False))
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of ``token_ids``, special tokens left out (as outputs are reported)."""

@@ -277,7 +277,7 @@ class Executor:
 
         async def placed(where: EngineHandle, prompt: list[int]) -> None:
             call.engine_id = where.id
-            await self.pins.placed(where, prompt)
+            self.pins.placed(where, prompt)
             if call.group is not None and not where.engine.computes_shared_prefix_once:
                 # The group's shared start, computed once before it fans out (the members wait).
                 await self.dispatcher.prefill(where, self.pins.shared_start(call, prompt),

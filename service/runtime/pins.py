@@ -42,12 +42,17 @@ class PrefixPins:
                 best = max(best, common_prefix_len(prompt, prefix))
         return prompt[:best] if best >= self.min_tokens else []
 
-    async def placed(self, handle: EngineHandle, prompt: list[int]) -> None:
-        """A call with ``prompt`` went to ``handle``: pin what pending calls share with it."""
-        for prefix, calls in list(self.pending.items()):  # a snapshot: awaits below let others in
+    def placed(self, handle: EngineHandle, prompt: list[int]) -> None:
+        """A call with ``prompt`` went to ``handle``: pin what pending calls share with it.
+
+        The call does not wait for the pins: a pin covers whatever part of its prefix is cached
+        and grows as the rest is, so it may reach the engine after the call's own request
+        (which holds its prefix while it runs). Waiting would hold each call back until the
+        engine's current step ends, and split calls submitted together over several steps."""
+        for prefix, calls in self.pending.items():
             n = common_prefix_len(prompt, prefix)
             if n >= self.min_tokens:
-                await asyncio.shield(self.pin(handle, prompt[:n], calls))
+                self.pin(handle, prompt[:n], calls)
 
     def pin(self, handle: EngineHandle, prefix: list[int], calls: Iterable[Call]) -> asyncio.Future:
         """Pin ``prefix`` on ``handle`` until each of ``calls`` is resolved (one pin per engine
