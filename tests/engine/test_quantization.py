@@ -13,7 +13,7 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from parrot.service.engine.base import SamplingParams
 from parrot.service.engine.builtin import cpu_kernels, quant
-from parrot.service.engine.builtin.model import ForwardBatch
+from parrot.service.engine.builtin.model import DecodeGroup, ForwardBatch
 from tests.conftest import run_request
 from tests.engine.test_attention_backend import NEW_TOKENS, PROMPTS, greedy_batch, hf_greedy
 
@@ -272,6 +272,32 @@ async def test_weights_quantized_at_load_compute_with_their_quantized_values(tin
     assert tokens == expected and last.finish_reason == "length"
     await engine.shutdown()
     await exact.shutdown()
+
+
+def test_a_decode_rows_logits_do_not_depend_on_its_batch(tiny_engine_factory):
+    """A decode row alone (a step of few rows) and among 20 others (a bigger step, split over
+    threads differently) gives the same logits, bit for bit: every kernel computes a row the
+    same way whatever else the step holds."""
+    engine, _ = tiny_engine_factory(quantization="int4wo")
+    prompt = 300  # long enough that a row's keys are split in two ranges
+    rows = 21
+    for r in range(rows):  # row r's keys sit in slots r*400 .. r*400 + prompt
+        slots = torch.arange(r * 400, r * 400 + prompt)
+        ids = torch.randint(3, 200, (prompt,), generator=torch.Generator().manual_seed(r))
+        engine.runner.forward(ForwardBatch(input_ids=ids, positions=torch.arange(prompt), out_slots=slots,
+                                           prefills=[(0, prompt, slots)],
+                                           logit_rows=torch.tensor([prompt - 1])))
+
+    def decode(count: int) -> torch.Tensor:
+        table = torch.stack([torch.arange(r * 400, r * 400 + prompt + 1) for r in range(count)])
+        group = DecodeGroup(count, table, None, lengths=torch.full((count,), prompt + 1))
+        return engine.runner.forward(ForwardBatch(
+            input_ids=torch.arange(5, 5 + count), positions=torch.full((count,), prompt),
+            out_slots=table[:, -1], decode_groups=[group], logit_rows=torch.arange(count)))
+
+    alone = decode(1)
+    assert torch.equal(decode(rows)[0], alone[0])
+    assert torch.equal(decode(3)[0], alone[0])
 
 
 async def test_batched_plain_and_two_phase_rows_decode_like_transformers(tiny_engine_factory, tokenizer,

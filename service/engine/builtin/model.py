@@ -173,8 +173,8 @@ class LlamaRunner:
         self.rotary = inner.rotary_emb.to(device)
         self.layers = [self._fuse(i, layer) for i, layer in enumerate(inner.layers)]
         self._gguf = None  # the file's tensors are no longer needed
-        # With every layer's matrices in blocks, a step of a few rows runs each layer's work
-        # around the attention in C too (csrc/decoder_layer.c).
+        # With every layer's matrices in blocks, each layer's work around the attention runs
+        # in C too (csrc/decoder_layer.c).
         self._layer_refs: list[tuple[cpu_kernels.WeightRef, ...]] | None = None
         matrices = [(layer.qkv, layer.o_proj, layer.gate_up, layer.down) for layer in self.layers]
         if (self.cpu_decode_attention and self.head_dim % 2 == 0 and self.head_dim <= 512
@@ -243,7 +243,6 @@ class LlamaRunner:
         return self._forward(batch)
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        num_tokens = batch.input_ids.shape[0]
         h, kv = self.num_heads, self.num_kv_heads
         x = F.embedding(batch.input_ids, self.embed)
         cos, sin = self.rotary(x, batch.positions.unsqueeze(0))
@@ -253,8 +252,7 @@ class LlamaRunner:
         if self.attention_backend == "triton" and batch.decode_groups:
             plan = triton_attention.plan_decode(batch.decode_groups, h, kv, self.device)
         cpu_plans = self._cpu_attention_plans(batch) if self.cpu_decode_attention else None
-        if (self._layer_refs is not None and cpu_plans is not None and num_tokens <= cpu_kernels.FEW_ROWS
-                and None not in cpu_plans.prefill):
+        if self._layer_refs is not None and cpu_plans is not None:
             x = self._layers_in_c(x, cos, sin, batch, cpu_plans)
         else:
             x = self._layers_in_torch(x, cos, sin, batch, plan, cpu_plans)
@@ -264,8 +262,9 @@ class LlamaRunner:
 
     def _layers_in_c(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                      plans: _CpuPlans) -> torch.Tensor:
-        """The decoder layers of a step of a few rows: each layer's work around its attention
-        in two C calls (csrc/decoder_layer.c) instead of a dozen small torch ops."""
+        """The decoder layers, each layer's work around its attention in two C calls
+        (csrc/decoder_layer.c) instead of a dozen small torch ops: fewer dispatches in a step
+        of a few rows, and every step size computes a row the same way."""
         lib, threads = cpu_kernels.library(), cpu_kernels.threads()
         n, hidden = x.shape
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -273,7 +272,7 @@ class LlamaRunner:
         x = x.contiguous()
         cos, sin = cos.reshape(n, d).contiguous(), sin.reshape(n, d).contiguous()
         qkv, normed = torch.empty(n, (h + 2 * kv) * d), torch.empty(n, hidden)
-        scratch = torch.empty(n * (hidden + 3 * inter))
+        scratch = torch.empty(n * (2 * hidden + 3 * inter))
         q = qkv.view(n, h + 2 * kv, d)[:, :h]
         slots = batch.out_slots.contiguous()
         refs = self._layer_refs or []

@@ -12,7 +12,8 @@
  *     for the whole group and scores, softmax and values are plain vector arithmetic
  *     (two-phase attention);
  *   - row units (KV head, row, key range): one row's G query heads over its own keys.
- * A lone long row is split in two key ranges, so two cores share even three KV heads.
+ * A long row's keys are split in two ranges, so two cores share even a lone row's three KV
+ * heads.
  * Sums run in a fixed order for a given batch shape and thread count.
  */
 #include <math.h>
@@ -27,6 +28,7 @@
 #include "vector_exp.h"
 
 #define PREFIX_CHUNK 128 /* prefix keys whose scores for all queries are held at once */
+#define SPLIT_KEYS 256   /* a row's own keys from this many on are split in two ranges */
 
 typedef struct {
   const float *q, *k_pool, *v_pool;
@@ -265,8 +267,9 @@ static void row_units(const void *arg, int64_t begin, int64_t end) {
   const int64_t d = j->d, splits = j->row_splits;
   for (int64_t unit = begin; unit < end; unit++) {
     const int64_t head = unit / (j->rows * splits), row = unit / splits % j->rows, part = unit % splits;
-    const int64_t length = j->lengths[row];
-    const int64_t lo = length * part / splits, hi = length * (part + 1) / splits;
+    /* a row's key ranges follow from its own length alone, so its sums never depend on its batch */
+    const int64_t length = j->lengths[row], parts = length >= SPLIT_KEYS ? splits : 1;
+    const int64_t lo = part < parts ? length * part / parts : 0, hi = part < parts ? length * (part + 1) / parts : 0;
     const int64_t *slots = j->table ? j->table + row * j->ldt : NULL;
     float *scores = thread_buffer((size_t)(hi - lo > 0 ? hi - lo : 1));
     for (int64_t g = 0; g < j->group; g++)
@@ -315,12 +318,9 @@ void parrot_decode_attention(const float *q, int64_t ldq, const float *k_pool, c
                              int threads) {
   if (threads > 64) threads = 64;
   const int64_t group = heads / kv_heads;
-  int64_t longest = 0;
-  for (int64_t row = 0; row < rows; row++)
-    if (lengths[row] > longest) longest = lengths[row];
-  /* key ranges enough for every thread: the prefix always, a row's keys when few rows are long */
+  /* key ranges enough for every thread: the prefix's, and a long row's (in two) */
   const int64_t prefix_splits = prefix_len > 0 ? threads : 0;
-  const int64_t row_splits = threads > 1 && rows * kv_heads < 2 * threads && longest >= 256 ? 2 : 1;
+  const int64_t row_splits = threads > 1 ? 2 : 1;
   attention_job job = {
       .q = q, .k_pool = k_pool, .v_pool = v_pool, .ldq = ldq, .pool_slots = pool_slots, .d = d,
       .group = group, .rows = rows, .prefix = prefix, .prefix_len = prefix_len,

@@ -1,17 +1,18 @@
-/* The work of a llama decoder layer around its attention, for a step of a few rows on
- * 4/8-bit weight blocks: one call before the attention, one after, instead of a dozen small
- * torch ops, whose dispatch costs more than their arithmetic when a step has a few rows.
+/* The work of a llama decoder layer around its attention, on 4/8-bit weight blocks: one call
+ * before the attention, one after, instead of a dozen small torch ops, whose dispatch costs
+ * more than their arithmetic when a step has a few rows.
  *
  * The arithmetic is the model's: RMS norm as x * (1 / sqrt(mean(x^2) + eps)) * weight, the
  * rotary embedding as x * cos + rotate_half(x) * sin (two products and a sum, as torch
- * rounds them), SiLU as x / (1 + e^-x). The glue runs on the calling thread; the matmuls on
- * the kernels' pool.
+ * rounds them), SiLU as x / (1 + e^-x). The glue is split by rows, the matmuls by output
+ * features, over the kernels' pool.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "quant_matmul.h"
+#include "thread_pool.h"
 #include "vector_exp.h"
 
 static void rms_norm(const float *x, int64_t rows, int64_t dim, const float *weight, float eps, float *out) {
@@ -70,40 +71,79 @@ static void silu_mul(const float *gate, const float *up, int64_t count, float *o
   for (; i < count; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
-/* Before the attention: qkv = norm(x) @ Wqkv.T (+ bias); q and k rotated; each row's k and
- * v written to the pools at its slot. qkv [rows, (heads + 2 kv_heads) * d], q at its start;
- * normed [rows, hidden] is scratch. cos, sin [rows, d]. */
-void parrot_attention_input(const float *x, int64_t rows, int64_t hidden, const float *norm, float eps,
-                            const parrot_weight *qkv_weight, const float *bias, int64_t heads, int64_t kv_heads,
-                            int64_t d, const float *cos, const float *sin, float *k_pool, float *v_pool,
-                            int64_t pool_slots, const int64_t *slots, float *normed, float *qkv, int threads) {
-  const int64_t width = (heads + 2 * kv_heads) * d;
-  rms_norm(x, rows, hidden, norm, eps, normed);
-  parrot_weight_matmul(qkv_weight, normed, rows, qkv, threads);
-  for (int64_t r = 0; r < rows; r++) {
-    float *row = qkv + r * width;
-    if (bias) add_into(row, bias, width);
-    rope(row, heads + kv_heads, d, cos + r * d, sin + r * d);
-    for (int64_t h = 0; h < kv_heads; h++) {
-      memcpy(k_pool + (h * pool_slots + slots[r]) * d, row + (heads + h) * d, sizeof(float) * (size_t)d);
-      memcpy(v_pool + (h * pool_slots + slots[r]) * d, row + (heads + kv_heads + h) * d,
+/* The per-row glue, split over the pool's threads by rows (each row's arithmetic is the same
+ * whatever the split, so a row's result never depends on its batch). */
+typedef struct {
+  float *x, *out, *qkv;
+  const float *y, *norm, *bias, *cos, *sin;
+  float eps;
+  int64_t dim, inter, heads, kv_heads, d, pool_slots;
+  float *k_pool, *v_pool;
+  const int64_t *slots;
+} glue_job;
+
+static void norm_rows(const void *arg, int64_t begin, int64_t end) {
+  const glue_job *j = arg;
+  rms_norm(j->x + begin * j->dim, end - begin, j->dim, j->norm, j->eps, j->out + begin * j->dim);
+}
+
+/* x += y, then out = norm(x) (with y NULL: only the norm) */
+static void add_norm_rows(const void *arg, int64_t begin, int64_t end) {
+  const glue_job *j = arg;
+  if (j->y) add_into(j->x + begin * j->dim, j->y + begin * j->dim, (end - begin) * j->dim);
+  if (j->out) rms_norm(j->x + begin * j->dim, end - begin, j->dim, j->norm, j->eps, j->out + begin * j->dim);
+}
+
+static void rope_store_rows(const void *arg, int64_t begin, int64_t end) {
+  const glue_job *j = arg;
+  const int64_t d = j->d, width = (j->heads + 2 * j->kv_heads) * d;
+  for (int64_t r = begin; r < end; r++) {
+    float *row = j->qkv + r * width;
+    if (j->bias) add_into(row, j->bias, width);
+    rope(row, j->heads + j->kv_heads, d, j->cos + r * d, j->sin + r * d);
+    for (int64_t h = 0; h < j->kv_heads; h++) {
+      memcpy(j->k_pool + (h * j->pool_slots + j->slots[r]) * d, row + (j->heads + h) * d, sizeof(float) * (size_t)d);
+      memcpy(j->v_pool + (h * j->pool_slots + j->slots[r]) * d, row + (j->heads + j->kv_heads + h) * d,
              sizeof(float) * (size_t)d);
     }
   }
 }
 
+static void silu_mul_rows(const void *arg, int64_t begin, int64_t end) {
+  const glue_job *j = arg;
+  for (int64_t r = begin; r < end; r++)
+    silu_mul(j->y + r * 2 * j->inter, j->y + r * 2 * j->inter + j->inter, j->inter, j->out + r * j->inter);
+}
+
+/* Before the attention: qkv = norm(x) @ Wqkv.T (+ bias); q and k rotated; each row's k and
+ * v written to the pools at its slot. qkv [rows, (heads + 2 kv_heads) * d], q at its start;
+ * normed [rows, hidden] is scratch. cos, sin [rows, d]. */
+void parrot_attention_input(float *x, int64_t rows, int64_t hidden, const float *norm, float eps,
+                            const parrot_weight *qkv_weight, const float *bias, int64_t heads, int64_t kv_heads,
+                            int64_t d, const float *cos, const float *sin, float *k_pool, float *v_pool,
+                            int64_t pool_slots, const int64_t *slots, float *normed, float *qkv, int threads) {
+  glue_job job = {.x = x, .out = normed, .qkv = qkv, .norm = norm, .bias = bias, .cos = cos, .sin = sin,
+                  .eps = eps, .dim = hidden, .heads = heads, .kv_heads = kv_heads, .d = d,
+                  .pool_slots = pool_slots, .k_pool = k_pool, .v_pool = v_pool, .slots = slots};
+  parrot_parallel_rows(norm_rows, &job, rows, threads);
+  parrot_weight_matmul(qkv_weight, normed, rows, qkv, threads);
+  parrot_parallel_rows(rope_store_rows, &job, rows, threads);
+}
+
 /* After the attention: x += attn @ Wo.T; x += down(silu(gate) * up) with gate, up from
- * norm(x) @ Wgate_up.T. x [rows, hidden] in place; scratch: rows * (hidden + 3 inter). */
+ * norm(x) @ Wgate_up.T. x [rows, hidden] in place; scratch: rows * (2 hidden + 3 inter). */
 void parrot_mlp_block(float *x, int64_t rows, int64_t hidden, int64_t inter, const float *attn,
                       const parrot_weight *o_weight, const float *norm, float eps, const parrot_weight *gate_up,
                       const parrot_weight *down, float *scratch, int threads) {
   float *projected = scratch, *gate_and_up = scratch + rows * hidden, *act = gate_and_up + rows * 2 * inter;
+  float *normed = act + rows * inter;
+  glue_job add_norm = {.x = x, .y = projected, .out = normed, .norm = norm, .eps = eps, .dim = hidden};
+  glue_job activation = {.y = gate_and_up, .out = act, .inter = inter};
+  glue_job add = {.x = x, .y = projected, .dim = hidden};
   parrot_weight_matmul(o_weight, attn, rows, projected, threads);
-  add_into(x, projected, rows * hidden);
-  rms_norm(x, rows, hidden, norm, eps, projected);
-  parrot_weight_matmul(gate_up, projected, rows, gate_and_up, threads);
-  for (int64_t r = 0; r < rows; r++)
-    silu_mul(gate_and_up + r * 2 * inter, gate_and_up + r * 2 * inter + inter, inter, act + r * inter);
+  parrot_parallel_rows(add_norm_rows, &add_norm, rows, threads);
+  parrot_weight_matmul(gate_up, normed, rows, gate_and_up, threads);
+  parrot_parallel_rows(silu_mul_rows, &activation, rows, threads);
   parrot_weight_matmul(down, act, rows, projected, threads);
-  add_into(x, projected, rows * hidden);
+  parrot_parallel_rows(add_norm_rows, &add, rows, threads);
 }
