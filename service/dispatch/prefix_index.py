@@ -17,6 +17,8 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+_BLOCK = 128  # tokens common_prefix_len compares at once
+
 
 @dataclass(eq=False)
 class _Node:
@@ -27,10 +29,16 @@ class _Node:
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens ``a`` and ``b`` share from the start: compared a block at a time (one C
+    comparison per block; prompts share hundreds of tokens), then token by token in the block
+    that differs."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
+    start = 0
+    while start < n:
+        end = min(start + _BLOCK, n)
+        if list(a[start:end]) != list(b[start:end]):  # as lists: a tuple and a list compare by value
+            return next(i for i in range(start, end) if a[i] != b[i])
+        start = end
     return n
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from array import array
 from collections.abc import Iterable
 
 from parrot.service.dispatch.prefix_index import common_prefix_len
@@ -49,15 +50,18 @@ class PrefixPins:
         and grows as the rest is, so it may reach the engine after the call's own request
         (which holds its prefix while it runs). Waiting would hold each call back until the
         engine's current step ends, and split calls submitted together over several steps."""
+        waiting: dict[int, list[Call]] = {}  # shared length -> the calls that need that much
         for prefix, calls in self.pending.items():
             n = common_prefix_len(prompt, prefix)
             if n >= self.min_tokens:
-                self.pin(handle, prompt[:n], calls)
+                waiting.setdefault(n, []).extend(calls)
+        for n, calls in waiting.items():
+            self.pin(handle, prompt[:n], calls)
 
     def pin(self, handle: EngineHandle, prefix: list[int], calls: Iterable[Call]) -> asyncio.Future:
         """Pin ``prefix`` on ``handle`` until each of ``calls`` is resolved (one pin per engine
         and prefix); the returned future is done once the engine holds the pin."""
-        digest = hashlib.blake2b(repr(prefix).encode(), digest_size=8).hexdigest()
+        digest = hashlib.blake2b(array("q", prefix).tobytes(), digest_size=8).hexdigest()
         pin_id = f"{handle.id}-{digest}"
         if pin_id in self.pins:
             self.pins[pin_id][1].update(calls)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 
-from parrot.service.dispatch.prefix_index import PrefixIndex
+import pytest
+
+from parrot.service.dispatch.prefix_index import PrefixIndex, common_prefix_len
 
 BIG = 1 << 20
 
@@ -68,3 +70,12 @@ def test_what_an_engine_says_it_evicted_is_forgotten_past_the_cut():
     index.forget_after([5, 5, 5], 3)  # all of it held: nothing to forget
     index.forget_after([6, 6], 1)  # nothing recorded there
     assert index.match([5, 5, 5]) == 3 and index.num_tokens == 3
+
+
+@pytest.mark.parametrize("shared", [0, 1, 127, 128, 129, 300])
+def test_common_prefix_len_counts_across_blocks_and_sequence_types(shared):
+    a = list(range(shared)) + [-1, 5, 6]
+    b = tuple(range(shared)) + (-2, 5, 6)
+    assert common_prefix_len(a, b) == shared
+    assert common_prefix_len(a, a[:shared]) == shared  # one ends where they agree
+    assert common_prefix_len(a, list(a)) == len(a)
