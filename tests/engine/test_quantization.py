@@ -13,7 +13,7 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from parrot.service.engine.base import SamplingParams
 from parrot.service.engine.builtin import cpu_kernels, quant
-from parrot.service.engine.builtin.model import DecodeGroup, ForwardBatch
+from parrot.service.engine.builtin.model import SHORT_PREFILL, DecodeGroup, ForwardBatch
 from tests.conftest import run_request
 from tests.engine.test_attention_backend import NEW_TOKENS, PROMPTS, greedy_batch, hf_greedy
 
@@ -262,6 +262,11 @@ async def test_weights_quantized_at_load_compute_with_their_quantized_values(tin
     assert torch.equal(got.argmax(-1), fake.argmax(-1))
     few = ids[:6]  # a step of few rows runs with torch's own ops on one thread
     assert torch.allclose(_prefill_logits(engine, few), fake[:6], atol=1e-4)
+    # a chunk past SHORT_PREFILL: torch's flash attention between the layers' C glue
+    long = list(range(5, 5 + SHORT_PREFILL + 36))
+    with torch.no_grad():
+        long_fake = hf(torch.tensor([long])).logits[0]
+    assert torch.allclose(_prefill_logits(engine, long), long_fake, atol=1e-4)
     assert engine.runner.weight_bytes < exact.runner.weight_bytes / (3 if method == "int8wo" else 4.5)
     # Greedy decoding (its attention in C for the lone row) follows transformers on those values.
     tokens, _, last = await run_request(engine, ids, SamplingParams(max_new_tokens=12, temperature=0))

@@ -282,7 +282,7 @@ class LlamaRunner:
                 x.data_ptr(), n, hidden, layer.input_norm.data_ptr(), self.eps, qkv_w, bias, h, kv, d,
                 cos.data_ptr(), sin.data_ptr(), self.k_pool[i].data_ptr(), self.v_pool[i].data_ptr(),
                 self.k_pool[i].shape[1], slots.data_ptr(), normed.data_ptr(), qkv.data_ptr(), threads)
-            attn = self._attention(q, i, batch, None, plans)
+            attn = self._attention(q, i, batch, None, plans).contiguous()  # torch's prefill: transposed
             lib.parrot_mlp_block(x.data_ptr(), n, hidden, inter, attn.data_ptr(), o_w,
                                  layer.post_norm.data_ptr(), self.eps, gate_up_w, down_w, scratch.data_ptr(),
                                  threads)
