@@ -55,8 +55,8 @@ class PrefixPins:
             n = common_prefix_len(prompt, prefix)
             if n >= self.min_tokens:
                 waiting.setdefault(n, []).extend(calls)
-        for n, calls in waiting.items():
-            self.pin(handle, prompt[:n], calls)
+        for n, needing in waiting.items():
+            self.pin(handle, prompt[:n], needing)
 
     def pin(self, handle: EngineHandle, prefix: list[int], calls: Iterable[Call]) -> asyncio.Future:
         """Pin ``prefix`` on ``handle`` until each of ``calls`` is resolved (one pin per engine
