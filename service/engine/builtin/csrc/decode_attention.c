@@ -13,8 +13,8 @@
  *     (two-phase attention);
  *   - row units (KV head, row, key range): one row's G query heads over its own keys.
  * A long row's keys are split in two ranges, so two cores share even a lone row's three KV
- * heads.
- * Sums run in a fixed order for a given batch shape and thread count.
+ * heads. A row's sums run in an order set by its own keys and the thread count, whatever
+ * the other rows; only a two-phase group sums its shared keys in an order of its own.
  */
 #include <math.h>
 #include <stdint.h>
