@@ -281,7 +281,7 @@ static void row_units(const void *arg, int64_t begin, int64_t end) {
 static void merge_rows(const void *arg, int64_t begin, int64_t end) {
   const attention_job *j = arg;
   const int64_t d = j->d, group = j->group, kv_heads = j->heads / group, nq = j->rows * group;
-  const float *parts[66];
+  const float *parts[PARROT_MAX_THREADS + 2]; /* the prefix's ranges, then the row's two */
   for (int64_t row = begin; row < end; row++) {
     for (int64_t head = 0; head < kv_heads; head++) {
       for (int64_t g = 0; g < group; g++) {
@@ -308,7 +308,7 @@ static void merge_rows(const void *arg, int64_t begin, int64_t end) {
 
 /* the scratch parrot_decode_attention needs, in floats */
 int64_t parrot_decode_attention_scratch(int64_t rows, int64_t heads, int64_t d, int threads) {
-  return rows * heads * (d + 2) * ((threads > 64 ? 64 : threads) + 2);
+  return rows * heads * (d + 2) * ((threads > PARROT_MAX_THREADS ? PARROT_MAX_THREADS : threads) + 2);
 }
 
 void parrot_decode_attention(const float *q, int64_t ldq, const float *k_pool, const float *v_pool,
@@ -316,7 +316,7 @@ void parrot_decode_attention(const float *q, int64_t ldq, const float *k_pool, c
                              const int64_t *prefix, int64_t prefix_len, const int64_t *table, int64_t ldt,
                              int64_t first, const int64_t *lengths, float scale, float *scratch, float *out,
                              int threads) {
-  if (threads > 64) threads = 64;
+  if (threads > PARROT_MAX_THREADS) threads = PARROT_MAX_THREADS;
   const int64_t group = heads / kv_heads;
   /* key ranges enough for every thread: the prefix's, and a long row's (in two) */
   const int64_t prefix_splits = prefix_len > 0 ? threads : 0;

@@ -13,7 +13,7 @@
 
 #include "thread_pool.h"
 
-#define MAX_WORKERS 63
+#define MAX_WORKERS (PARROT_MAX_THREADS - 1)
 
 /* How long an idle worker spins before it sleeps: long enough to bridge the gaps between
  * the matmuls of a decode step, but only while torch's own ops run on one thread (the

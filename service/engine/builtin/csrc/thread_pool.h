@@ -3,6 +3,9 @@
 #define PARROT_THREAD_POOL_H
 #include <stdint.h>
 
+/* the most threads a job is split over (the caller and 63 workers) */
+#define PARROT_MAX_THREADS 64
+
 typedef void (*rows_fn)(const void *job, int64_t begin, int64_t end);
 
 /* fn over rows [0, rows) in `threads` parts, the caller taking part 0; a caller that finds
