@@ -112,6 +112,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                            p, p, i32]
     lib.parrot_mlp_block.argtypes = [p, i64, i64, i64, p, weight, p, f32, weight, weight, p, i32]
     lib.parrot_attention_input.restype = lib.parrot_mlp_block.restype = None
+    lib.parrot_weight_matmul.argtypes = [weight, p, i64, p, i32]
+    lib.parrot_weight_matmul.restype = None
     return lib
 
 
