@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from array import array
 from collections.abc import Iterable
 
@@ -19,7 +20,16 @@ from parrot.service.dispatch.prefix_index import common_prefix_len
 from parrot.service.dispatch.registry import EngineHandle
 from parrot.service.runtime.graph import Call
 
+logger = logging.getLogger(__name__)
+
 MIN_PIN_TOKENS = 32
+
+
+def _log_failure(pinned: asyncio.Future) -> None:
+    """A pin is a hint: when the engine refuses it or cannot be reached, the calls run anyway
+    (their prefix may have to be computed again)."""
+    if not pinned.cancelled() and pinned.exception() is not None:
+        logger.warning("pinning a prefix failed: %s", pinned.exception())
 
 
 class PrefixPins:
@@ -67,6 +77,7 @@ class PrefixPins:
             self.pins[pin_id][1].update(calls)
             return self.pins[pin_id][2]
         pinned = asyncio.ensure_future(handle.engine.pin_prefix(pin_id, list(prefix)))
+        pinned.add_done_callback(_log_failure)  # placed() does not wait for it: its error is seen here
         self.pins[pin_id] = (handle, set(calls), pinned)
         return pinned
 
