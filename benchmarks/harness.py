@@ -12,7 +12,14 @@ Both ways run on the same engines. The request-centric run comes in two tunings,
 as a deployment must pick one without app knowledge: ``throughput-tuned`` (an
 uncapped batch) and ``latency-tuned`` (at most ``LATENCY_TUNED_BATCH`` requests per
 batch, the size the Parrot paper's latency-oriented baselines keep). Every system runs on a
-fresh service, warmed up the same way before it is timed (see ``_warm_up``).
+service of its own, warmed up the same way before it is timed (see ``_warm_up``).
+
+Each system runs ``--repeats`` times (``REPEATS``), the systems taking turns, each run on a
+flushed prefix cache (``POST /flush_cache``); a table shows each system's median. Taking
+turns spreads the machine's own slow spells (on a shared 2-core host a decode step can run
+10-20% slower for a second or two) over every system, instead of charging them to whichever
+ran then. Each row also shows the engine time of a run (the engines' ``busy_s`` counters):
+what the app cost the engines, the rest of the end-to-end time being waits and overheads.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +45,7 @@ T = TypeVar("T")
 
 LANGCHAIN_WORKERS = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default size
 LATENCY_TUNED_BATCH = 4
+REPEATS = 3
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
@@ -130,6 +139,60 @@ def _wait(url: str, ready: Callable[[httpx.Client], bool], procs: list[subproces
     raise RuntimeError(f"the service at {url} did not come up in {timeout_s:g} s")
 
 
+def flush_caches(url: str) -> None:
+    """Empty the service's prefix caches, so the next run starts cold as on a fresh service."""
+    flushed = httpx.post(f"{url}/flush_cache", timeout=60).raise_for_status().json()["flushed"]
+    if not all(flushed.values()):
+        raise RuntimeError(f"the service at {url} did not flush every engine's cache: {flushed}")
+
+
+def engine_busy_s(url: str) -> float:
+    """The time the service's engines have spent in steps so far, all engines together. An engine
+    process is asked itself (the service's copy of its load is as old as its last heartbeat)."""
+    total = 0.0
+    with httpx.Client(timeout=30) as http:
+        for engine in http.get(f"{url}/v1/engines").json()["data"]:
+            if engine["kind"] == "remote":
+                total += http.get(f"{engine['url']}/load").json()["busy_s"]
+            else:
+                total += engine["load"]["busy_s"]
+    return total
+
+
+@dataclass(frozen=True)
+class System:
+    """One way of running the app: ``job(url)`` runs it once on a service set up by ``setup`` (with
+    ``engine_processes`` engine processes, if any) and returns its ``Measured`` time."""
+
+    name: str
+    setup: EngineSetup
+    job: Callable[[str], Measured]
+    engine_processes: int = 0
+
+
+def measure_systems(systems: Sequence[System], repeats: int = REPEATS) -> list[Row]:
+    """Each system's median over ``repeats`` runs: every system gets a service of its own, started
+    up front; then the systems take turns (the first to go rotates), each run on a flushed cache."""
+    runs: dict[str, list[Measured]] = {s.name: [] for s in systems}
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(running_service(s.setup, s.engine_processes)) for s in systems]
+        for r in range(repeats):
+            for k in range(len(systems)):
+                system, url = systems[(k + r) % len(systems)], urls[(k + r) % len(systems)]
+                flush_caches(url)
+                before = engine_busy_s(url)
+                measured = system.job(url)
+                measured.engine_s = engine_busy_s(url) - before
+                runs[system.name].append(measured)
+    return [_median_row(name, measured) for name, measured in runs.items()]
+
+
+def _median_row(system: str, runs: list[Measured]) -> Row:
+    extra = {key: statistics.median(m.extra[key] for m in runs) for key in runs[0].extra}
+    return Row(system, statistics.median(m.seconds for m in runs), extra,
+               engine_s=statistics.median(m.engine_s or 0.0 for m in runs), runs=len(runs))
+
+
 async def langchain_batch(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
     """Run ``calls`` as LangChain's ``batch`` does: at most ``LANGCHAIN_WORKERS`` at a time, in order."""
     gate = asyncio.Semaphore(LANGCHAIN_WORKERS)
@@ -167,8 +230,10 @@ class Completions:
 @dataclass
 class Row:
     system: str
-    seconds: float  # end to end
+    seconds: float  # end to end (a median, when the system ran more than once)
     extra: dict[str, float] = field(default_factory=dict)
+    engine_s: float | None = None  # the engines' time in steps during a run (the median run's)
+    runs: int = 1
 
 
 @dataclass
@@ -179,6 +244,7 @@ class Measured:
 
     seconds: float
     extra: dict[str, float] = field(default_factory=dict)
+    engine_s: float | None = None  # set by ``measure_systems``
 
 
 def ttft_ms(call: Any) -> float | None:
@@ -194,15 +260,18 @@ def print_table(title: str, rows: list[Row], reference: str, extra_columns: Sequ
     """One row per system; the last column is the row's end-to-end time over ``reference``'s,
     so 2.00x means ``reference`` finished twice as fast as that row's system."""
     parrot = next(r for r in rows if r.system == reference)
-    table = Table(title=title, title_justify="left")
+    runs = max(r.runs for r in rows)
+    table = Table(title=title + (f" (median of {runs} runs each)" if runs > 1 else ""), title_justify="left")
     table.add_column("system")
     table.add_column("end to end s", justify="right")
+    table.add_column("engine busy s", justify="right")
     for name in extra_columns:
         table.add_column(name, justify="right")
     table.add_column(f"{reference} speed-up", justify="right")
     for row in rows:
         cells = [f"{row.extra[c]:.1f}" if c in row.extra else "-" for c in extra_columns]
-        table.add_row(row.system, f"{row.seconds:.2f}", *cells, f"{row.seconds / parrot.seconds:.2f}x")
+        busy = "-" if row.engine_s is None else f"{row.engine_s:.2f}"
+        table.add_row(row.system, f"{row.seconds:.2f}", busy, *cells, f"{row.seconds / parrot.seconds:.2f}x")
     console.print(table)
     if note:
         console.print(note)
@@ -220,32 +289,34 @@ def run(coro: Awaitable[Any]) -> Any:
 
 def compare_three_ways(parrot_way: Callable[[str], Awaitable[Any]],
                        request_centric_way: Callable[[Completions], Awaitable[Any]],
-                       parrot_variants: Sequence[tuple[str, EngineSetup]] = ()) -> list[Row]:
-    """End-to-end time of one app run Parrot's way (given the service URL) and the request-centric
-    way (given its client), throughput- and latency-tuned, each on a fresh service.
+                       parrot_variants: Sequence[tuple[str, EngineSetup]] = (),
+                       repeats: int = REPEATS) -> list[Row]:
+    """End-to-end time of an app run Parrot's way (given the service URL) and the request-centric
+    way (given its client), throughput- and latency-tuned (``measure_systems``).
     ``parrot_variants``: more Parrot rows, each on a service set up its own way (an ablation).
     A Parrot-way job that returns ``Measured`` gives its own time and extra columns."""
 
-    async def parrot(url: str) -> Row:
+    async def parrot(url: str) -> Measured:
         seconds, result = await timed(parrot_way(url))
-        if isinstance(result, Measured):
-            return Row("", result.seconds, result.extra)
-        return Row("", seconds)
+        return result if isinstance(result, Measured) else Measured(seconds)
 
-    async def request_centric(url: str) -> Row:
+    async def request_centric(url: str) -> Measured:
         async with Completions(url) as llm:
-            return Row("", (await timed(request_centric_way(llm)))[0])
+            return Measured((await timed(request_centric_way(llm)))[0])
 
-    rows = []
-    for system, setup, fn in (("parrot", THROUGHPUT_TUNED, parrot),
-                              *((name, variant, parrot) for name, variant in parrot_variants),
-                              ("throughput-tuned", THROUGHPUT_TUNED, request_centric),
-                              ("latency-tuned", LATENCY_TUNED, request_centric)):
-        with running_service(setup) as url:
-            row = run(fn(url))
-            row.system = system
-            rows.append(row)
-    return rows
+    def job(fn: Callable[[str], Awaitable[Measured]]) -> Callable[[str], Measured]:
+        return lambda url: run(fn(url))
+
+    return measure_systems([System("parrot", THROUGHPUT_TUNED, job(parrot)),
+                            *(System(name, variant, job(parrot)) for name, variant in parrot_variants),
+                            System("throughput-tuned", THROUGHPUT_TUNED, job(request_centric)),
+                            System("latency-tuned", LATENCY_TUNED, job(request_centric))], repeats)
+
+
+def add_repeats_option(parser: Any) -> None:
+    parser.add_argument("--repeats", type=int, default=REPEATS,
+                        help="runs of each system, taking turns on flushed caches; tables show medians "
+                             "(--quick: 1)")
 
 
 def benchmark_main(parse_args: Callable[[list[str] | None], Any], measure: Callable[[Any], list[Row]],

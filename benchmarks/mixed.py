@@ -33,11 +33,14 @@ from benchmarks.harness import (
     LATENCY_TUNED,
     THROUGHPUT_TUNED,
     Completions,
+    Measured,
     Row,
+    System,
+    add_repeats_option,
     benchmark_main,
+    measure_systems,
     print_table,
     run,
-    running_service,
 )
 from benchmarks.map_reduce import chunks_for, parrot_job, request_centric_job
 
@@ -97,17 +100,21 @@ def measure(args) -> list[Row]:
     one_thread = {"threads": 1}  # two engine processes share the 2 cores
     parrot_setup = dataclasses.replace(THROUGHPUT_TUNED, latency_step_tokens=args.latency_step_tokens,
                                        **one_thread)
-    rows = []
-    for name, setup, fn in (("parrot", parrot_setup, parrot_run),
-                            ("throughput-tuned", dataclasses.replace(THROUGHPUT_TUNED, **one_thread),
-                             request_centric_run),
-                            ("latency-tuned", dataclasses.replace(LATENCY_TUNED, **one_thread),
-                             request_centric_run)):
-        with running_service(setup, engine_processes=2) as url:
+
+    def job(fn):
+        def once(url: str) -> Measured:
             jobs_s, chat_ms = run(fn(url, args))
-        rows.append(Row(name, jobs_s, {"chat ms/token": statistics.mean(chat_ms),
-                                       "chat p90 ms/token": statistics.quantiles(chat_ms, n=10)[-1]}))
-    return rows
+            return Measured(jobs_s, {"chat ms/token": statistics.mean(chat_ms),
+                                     "chat p90 ms/token": statistics.quantiles(chat_ms, n=10)[-1]})
+        return once
+
+    throughput_tuned = dataclasses.replace(THROUGHPUT_TUNED, **one_thread)
+    latency_tuned = dataclasses.replace(LATENCY_TUNED, **one_thread)
+    systems = [("parrot", parrot_setup, parrot_run),
+               ("throughput-tuned", throughput_tuned, request_centric_run),
+               ("latency-tuned", latency_tuned, request_centric_run)]
+    return measure_systems([System(name, setup, job(fn), engine_processes=2) for name, setup, fn in systems],
+                           args.repeats)
 
 
 def parse_args(argv=None):
@@ -125,9 +132,11 @@ def parse_args(argv=None):
     parser.add_argument("--think-s", type=float, default=1.0)
     parser.add_argument("--latency-step-tokens", type=int, default=1,
                         help="Parrot engines' step budget while chat turns run")
+    add_repeats_option(parser)
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
+        args.repeats = 1
         args.jobs, args.chunks, args.map_tokens, args.users, args.turns, args.chat_tokens = 2, 4, 8, 2, 2, 8
         args.chat_start_s = 0.5
     return args

@@ -22,11 +22,14 @@ import parrot as P
 from benchmarks.harness import (
     THROUGHPUT_TUNED,
     Completions,
+    Measured,
     Row,
+    System,
+    add_repeats_option,
     benchmark_main,
+    measure_systems,
     print_table,
     run,
-    running_service,
     text_chunk,
 )
 
@@ -81,14 +84,16 @@ async def request_centric_users(url: str, system: str, users: int, tokens: int) 
 def measure(args) -> list[Row]:
     system = system_prompt(args.paragraphs)
     no_sharing = dataclasses.replace(THROUGHPUT_TUNED, prefix_caching=False)
-    rows = []
-    for name, setup, fn in (("parrot", THROUGHPUT_TUNED, parrot_users),
-                            ("request-centric", THROUGHPUT_TUNED, request_centric_users),
-                            ("no sharing", no_sharing, request_centric_users)):
-        with running_service(setup) as url:
+
+    def job(fn):
+        def once(url: str) -> Measured:
             seconds = run(fn(url, system, args.users, args.tokens))
-        rows.append(Row(name, seconds, {"tokens/s": args.users * args.tokens / seconds}))
-    return rows
+            return Measured(seconds, {"tokens/s": args.users * args.tokens / seconds})
+        return once
+
+    return measure_systems([System("parrot", THROUGHPUT_TUNED, job(parrot_users)),
+                            System("request-centric", THROUGHPUT_TUNED, job(request_centric_users)),
+                            System("no sharing", no_sharing, job(request_centric_users))], args.repeats)
 
 
 def parse_args(argv=None):
@@ -96,9 +101,11 @@ def parse_args(argv=None):
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--paragraphs", type=int, default=8, help="system prompt size (~100 tokens each)")
     parser.add_argument("--tokens", type=int, default=24, help="tokens per answer")
+    add_repeats_option(parser)
     parser.add_argument("--quick", action="store_true", help="a smoke run (6 users, 8 tokens)")
     args = parser.parse_args(argv)
     if args.quick:
+        args.repeats = 1
         args.users, args.tokens, args.paragraphs = 6, 8, 3
     return args
 

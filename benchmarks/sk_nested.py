@@ -26,7 +26,17 @@ from semantic_kernel.connectors.ai.open_ai import OpenAIChatCompletion
 from semantic_kernel.connectors.ai.prompt_execution_settings import PromptExecutionSettings
 from semantic_kernel.functions import KernelArguments, KernelFunctionFromPrompt
 
-from benchmarks.harness import THROUGHPUT_TUNED, Row, benchmark_main, print_table, running_service, text_chunk
+from benchmarks.harness import (
+    THROUGHPUT_TUNED,
+    Measured,
+    Row,
+    System,
+    add_repeats_option,
+    benchmark_main,
+    measure_systems,
+    print_table,
+    text_chunk,
+)
 from parrot.integrations.semantic_kernel import ParrotChatCompletion, enable_graphs
 
 SUMMARIZE = "Summarize this section of a report in one sentence.\n\nSection: {{$section}}"
@@ -72,12 +82,17 @@ def measure(args) -> list[Row]:
                                                                                    api_key="none")),
             args.sections, args.tokens),
     }
-    rows, outputs = [], set()
-    for name, kernel in systems.items():
-        with running_service(THROUGHPUT_TUNED) as url:
-            elapsed, text = asyncio.run(timed_assessment(kernel(url), sections))
+    outputs = set()
+
+    def job(make_kernel):
+        def once(url: str) -> Measured:
+            elapsed, text = asyncio.run(timed_assessment(make_kernel(url), sections))
             outputs.add(text)
-            rows.append(Row(name, elapsed))
+            return Measured(elapsed)
+        return once
+
+    rows = measure_systems([System(name, THROUGHPUT_TUNED, job(kernel)) for name, kernel in systems.items()],
+                           args.repeats)
     print(f"identical outputs: {'yes' if len(outputs) == 1 else 'no'}")
     return rows
 
@@ -87,9 +102,11 @@ def parse_args(argv=None):
     parser.add_argument("--sections", type=int, default=6)
     parser.add_argument("--sentences", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32, help="the longest reply")
+    add_repeats_option(parser)
     parser.add_argument("--quick", action="store_true", help="a smoke run (3 sections, 8 tokens)")
     args = parser.parse_args(argv)
     if args.quick:
+        args.repeats = 1
         args.sections, args.tokens = 3, 8
     return args
 

@@ -61,12 +61,20 @@ class _EngineLoadCollector(Collector):
                                   labels=["engine"])
         preemptions = CounterMetricFamily("parrot_num_preemptions", "Requests the engine preempted.",
                                           labels=["engine"])
+        steps = CounterMetricFamily("parrot_engine_steps", "Forward passes the engine ran.",
+                                    labels=["engine"])
+        busy = CounterMetricFamily("parrot_engine_busy_seconds", "Time the engine spent running steps "
+                                   "(its utilization is this counter's rate).", labels=["engine"])
         for engine_id, load in loads:
             usage.add_metric([engine_id], load.kv_tokens_used / load.kv_tokens_total
                              if load.kv_tokens_total else 0.0)
             preemptions.add_metric([engine_id], load.num_preemptions)
+            steps.add_metric([engine_id], load.num_steps)
+            busy.add_metric([engine_id], load.busy_s)
         yield usage
         yield preemptions
+        yield steps
+        yield busy
         up = GaugeMetricFamily("parrot_engine_up", "1 while the engine takes work, 0 while it is down.",
                                labels=["engine", "kind", "model"])
         for h in handles:

@@ -7,20 +7,28 @@
   it is finishing. An engine marked down is ``degraded`` (it is probed and may come back).
 - ``/readyz`` answers whether to send work now: 200 when not draining and at least one
   engine is up, else 503 with the reasons.
+- ``POST /flush_cache`` (SGLang's route; ``/reset_prefix_cache`` is vLLM's name for it) empties
+  every engine's prefix cache, keeping what running requests and pins hold: for benchmarks
+  that repeat a run on cold caches, and after swapping what prompts mean (a new system
+  prompt). An operator route, like the engine registry's.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from parrot.service.api.auth import require_operator
 from parrot.service.dispatch.registry import EngineRegistry
 from parrot.service.drain import Drain
 from parrot.service.metrics import ServiceMetrics
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["ops"])
 
 
@@ -86,3 +94,19 @@ async def readyz(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     service_metrics: ServiceMetrics = request.app.state.metrics
     return Response(service_metrics.render(), media_type=service_metrics.content_type)
+
+
+class Flushed(BaseModel):
+    flushed: dict[str, bool]  # engine id -> whether its cache was flushed (False: none, or refused)
+
+
+@router.post("/flush_cache", response_model=Flushed, dependencies=[Depends(require_operator)])
+@router.post("/reset_prefix_cache", response_model=Flushed, dependencies=[Depends(require_operator)])
+async def flush_cache(request: Request) -> Flushed:
+    registry: EngineRegistry = request.app.state.registry
+    handles = registry.engines()  # those taking work: one marked down is not reached
+    done = await asyncio.gather(*(h.engine.flush_cache() for h in handles), return_exceptions=True)
+    for handle, outcome in zip(handles, done, strict=True):
+        if isinstance(outcome, BaseException):
+            logger.warning("engine %s could not flush its prefix cache: %s", handle.id, outcome)
+    return Flushed(flushed={h.id: ok is True for h, ok in zip(handles, done, strict=True)})

@@ -176,6 +176,8 @@ class Load:
     cached_tokens: int  # tokens held by the prefix cache
     num_latency: int = 0  # latency requests running or waiting
     num_preemptions: int = 0  # requests preempted since the engine started (a counter)
+    num_steps: int = 0  # forward passes run since the engine started (a counter)
+    busy_s: float = 0.0  # seconds spent running steps since the engine started (a counter)
 
 
 class Engine(abc.ABC):
@@ -234,6 +236,12 @@ class Engine(abc.ABC):
         runner thread that died); a server that stopped answering may come back, so it stays
         alive and is marked down instead."""
         return True
+
+    async def flush_cache(self) -> bool:
+        """Empty the prefix cache (SGLang's ``/flush_cache``, vLLM's ``reset_prefix_cache``): what
+        running requests and pins hold stays. False when the engine has no cache it can flush, or
+        refuses now."""
+        return False
 
     async def pin_prefix(self, pin_id: str, token_ids: list[int]) -> None:
         """Keep the cached KV of this prefix from eviction until unpinned; a prefix not cached

@@ -149,6 +149,36 @@ async def test_without_prefix_caching_no_compute_is_shared_and_outputs_stay_exac
         await engine.shutdown()
 
 
+async def test_flush_drops_the_prefix_cache_but_keeps_what_pins_hold(tiny_engine_factory, tokenizer):
+    engine, _ = tiny_engine_factory()
+    pinned = tokenizer.encode("You are a careful assistant. " * 4)
+    other = tokenizer.encode("Translate to French: good morning. " * 4)
+
+    async def cached_len(ids):
+        return (await run(engine, ids, greedy(1)))[2].num_cached_tokens
+
+    try:
+        await engine.pin_prefix("system", pinned)
+        for ids in (pinned, other):
+            await cached_len(ids)
+        assert await cached_len(other) == len(other) - 1
+        steps, busy = engine.load().num_steps, engine.load().busy_s
+        assert steps == engine.num_steps > 0 and busy > 0
+
+        assert await engine.flush_cache() is True
+        assert engine.cache.total_size == len(pinned)  # all but the pinned prefix went
+        engine.cache.check_integrity()
+        assert await cached_len(other) == 0
+        assert await cached_len(pinned) == len(pinned) - 1
+        assert engine.load().num_steps > steps and engine.load().busy_s > busy  # counters only grow
+
+        await engine.unpin_prefix("system")
+        assert await engine.flush_cache() is True
+        assert engine.cache.total_size == 0
+    finally:
+        await engine.shutdown()
+
+
 async def test_pinned_prefix_survives_eviction_pressure_until_unpinned(tiny_engine_factory, tokenizer):
     engine, _ = tiny_engine_factory(kv_cache_gib=200 * 512 / 2**30)  # 256 slots
     pinned = tokenizer.encode("You are a careful assistant. " * 4)

@@ -13,6 +13,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,7 @@ class BuiltinEngine(Engine):
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self.num_steps = 0
+        self.busy_s = 0.0  # time in steps, for the load's counter
         self._scratch_slot: int | None = None  # a KV slot written and never read (prompt_logprobs.py)
 
     def _pick_dtype(self, name: str) -> torch.dtype:
@@ -277,6 +279,15 @@ class BuiltinEngine(Engine):
     async def unpin_prefix(self, pin_id: str) -> None:
         await self._on_runner("unpin", pin_id)
 
+    async def flush_cache(self) -> bool:
+        """Drop the prefix cache's entries that no running request or pin holds (at any time:
+        the entries in use stay)."""
+        freed: list[int] = []
+        await self._on_runner("flush", freed)
+        if freed:
+            logger.info("prefix cache flushed: %d tokens dropped", freed[0])
+        return bool(freed) and self.config.prefix_caching
+
     async def prefill(self, token_ids: list[int], priority: int = 0) -> None:
         """Compute and cache the KV of ``token_ids`` as a prefill-only request (``max_new_tokens``
         0: nothing is generated); return once it is cached. It runs as throughput work of
@@ -314,6 +325,8 @@ class BuiltinEngine(Engine):
             kv_tokens_total=self.allocator.num_slots,
             cached_tokens=self.cache.total_size,
             num_preemptions=sched.num_preemptions,
+            num_steps=self.num_steps,
+            busy_s=self.busy_s,
         )
 
     # ---- runner thread ---------------------------------------------------------------
@@ -334,11 +347,13 @@ class BuiltinEngine(Engine):
                 except Exception:  # one bad command must not end the thread that serves everyone
                     logger.exception("engine command %r failed", kind)
             if self.scheduler.has_work:
+                started = time.perf_counter()
                 try:
                     self.step()
                 except Exception as exc:  # never leave callers hanging on a dead thread
                     logger.exception("engine step failed")
                     self._fail_all(f"engine error: {exc}")
+                self.busy_s += time.perf_counter() - started
 
     def _command(self, kind: str, arg: Any) -> None:  # each kind has its own argument
         if kind == "add":
@@ -351,6 +366,8 @@ class BuiltinEngine(Engine):
             self.scheduler.pin_prefix(*arg)
         elif kind == "unpin":
             self.scheduler.unpin_prefix(arg)
+        elif kind == "flush":
+            arg.append(self.cache.reset())  # arg: where the caller finds how many tokens went
         elif kind == "sync":
             loop, done = arg
             try:

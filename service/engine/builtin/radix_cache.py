@@ -156,9 +156,11 @@ class RadixCache:
                 heapq.heappush(leaves, parent)
         return freed
 
-    def reset(self) -> None:
-        """Drop every unlocked entry."""
+    def reset(self) -> int:
+        """Drop every unlocked entry; return how many tokens were dropped."""
+        before = self.total_size
         self.evict(self.total_size)
+        return before - self.total_size
 
     def _nodes(self) -> list[RadixNode]:
         out: list[RadixNode] = []

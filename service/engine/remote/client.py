@@ -29,6 +29,7 @@ from parrot.service.engine.base import (
 )
 from parrot.service.engine.remote.protocol import (
     EngineInfo,
+    Flushed,
     GenerateBody,
     LoadInfo,
     PinBody,
@@ -128,6 +129,15 @@ class RemoteEngine(Engine):
 
     async def unpin_prefix(self, pin_id: str) -> None:
         await self._quiet_post("/unpin_prefix", PinRef(pin_id=pin_id).model_dump())
+
+    async def flush_cache(self) -> bool:
+        try:
+            resp = await self._client.post("/flush_cache")
+        except (httpx.TransportError, RuntimeError) as exc:  # RuntimeError: the client was closed
+            raise EngineUnavailableError(f"engine at {self.url} is unreachable: {exc}") from exc
+        if resp.status_code != 200:
+            raise _http_error(resp)
+        return Flushed.model_validate_json(resp.content).flushed
 
     async def prefill(self, token_ids: list[int], priority: int = 0) -> None:
         if not token_ids:

@@ -36,6 +36,8 @@ class LoadInfo(_Strict):
     cached_tokens: int = 0
     num_latency: int = 0
     num_preemptions: int = 0
+    num_steps: int = 0
+    busy_s: float = 0.0
 
 
 class EngineInfo(BaseModel):
@@ -64,6 +66,10 @@ class PriorityBody(_Strict):
     rid: str
     priority: int
     objective: Objective
+
+
+class Flushed(_Strict):
+    flushed: bool
 
 
 class PinRef(_Strict):

@@ -27,6 +27,7 @@ from parrot.service.engine.builtin.engine import BuiltinEngine
 from parrot.service.engine.remote.protocol import (
     EngineInfo,
     EngineRegistration,
+    Flushed,
     GenerateBody,
     LoadInfo,
     PinBody,
@@ -174,6 +175,10 @@ def create_worker_app(engine: BuiltinEngine, *, service_url: str | None = None,
     async def unpin_prefix(body: PinRef) -> dict:
         await engine.unpin_prefix(body.pin_id)
         return {"ok": True}
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> Flushed:
+        return Flushed(flushed=await engine.flush_cache())
 
     @app.post("/prefill")
     async def prefill(body: PrefillBody) -> dict:

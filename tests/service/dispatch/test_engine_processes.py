@@ -58,6 +58,22 @@ def cluster(tiny_engine_factory, serve_app):
         yield Cluster()
 
 
+def test_flush_cache_reaches_engine_processes_and_load_counts_steps(cluster):
+    service = cluster.service()
+    worker_url = cluster.worker(service)
+    body = {"prompt": "Once upon a time there was a parrot", "max_tokens": 2, "temperature": 0}
+    with httpx.Client(base_url=service, timeout=30) as http, httpx.Client(base_url=worker_url) as worker:
+        [engine] = wait_until(lambda: engines(http), what="registration")
+        http.post("/v1/completions", json=body).raise_for_status()
+        load = worker.get("/load").json()
+        assert load["cached_tokens"] > 0 and load["num_steps"] >= 2 and load["busy_s"] > 0
+        assert http.post("/flush_cache").json() == {"flushed": {engine["id"]: True}}
+        assert worker.get("/load").json()["cached_tokens"] == 0
+        again = http.post("/v1/completions", json=body).json()
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert http.post("/reset_prefix_cache").json() == {"flushed": {engine["id"]: True}}
+
+
 def test_an_engine_process_registers_serves_and_leaves(cluster):
     service = cluster.service()
     with httpx.Client(base_url=service, timeout=30) as http:
