@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -315,7 +316,8 @@ def warm_up(url: str, tokens: int) -> None:
 
 
 def measure(args: argparse.Namespace) -> tuple[list[Row], LoadReport]:
-    with running_service(THROUGHPUT_TUNED) as url:
+    # The server's own default KV pool: a load test may hold many long requests at once.
+    with running_service(dataclasses.replace(THROUGHPUT_TUNED, kv_cache_gib=2.0)) as url:
         pid = server_pid(url)
         warm_up(url, args.tokens)
         before = rss_bytes(pid)

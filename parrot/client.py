@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -225,3 +226,48 @@ async def _sse_events(resp: httpx.Response) -> AsyncIterator[dict]:
         event = json.loads("\n".join(data))
         if isinstance(event, dict):
             yield event
+
+
+class SharedClients:
+    """The process's clients, one per service and settings, for the VMs on the process's client
+    loop (``parrot.loop_thread.shared_loop``): a new session reuses open connections instead of
+    connecting again. Use it on that loop only. A client no VM holds stays open for the next
+    session; past ``max_idle`` such clients, the least recently used one is closed."""
+
+    def __init__(self, max_idle: int = 8) -> None:
+        self.max_idle = max_idle
+        self._clients: dict[tuple[str, str | None, float], tuple[ServiceClient, int]] = {}  # LRU first
+
+    async def acquire(self, base_url: str, *, api_key: str | None, timeout: float) -> ServiceClient:
+        key = (base_url.rstrip("/"), api_key, timeout)
+        client, users = self._clients.pop(key, (None, 0))
+        if client is None:
+            client = ServiceClient(base_url, api_key=api_key, timeout=timeout)
+        self._clients[key] = (client, users + 1)
+        await self._close_idle()
+        return client
+
+    async def release(self, client: ServiceClient) -> None:
+        for key, (held, users) in self._clients.items():
+            if held is client:
+                del self._clients[key]
+                self._clients[key] = (held, users - 1)  # the most recently used now
+                break
+        await self._close_idle()
+
+    async def _close_idle(self) -> None:
+        idle = [key for key, (_, users) in self._clients.items() if users == 0]
+        for key in idle[:max(0, len(idle) - self.max_idle)]:
+            client, _ = self._clients.pop(key)
+            await client.aclose()
+
+
+_shared: tuple[int, SharedClients] | None = None
+
+
+def shared_clients() -> SharedClients:
+    """This process's ``SharedClients`` (a forked child starts its own)."""
+    global _shared
+    if _shared is None or _shared[0] != os.getpid():
+        _shared = (os.getpid(), SharedClients())
+    return _shared[1]

@@ -1,6 +1,6 @@
 """``Parrot``: the client VM. It owns a session, sends the app's graph, and runs native calls.
 
-    user thread                              VM loop thread (parrot.loop_thread)
+    user thread                              client loop thread (parrot.loop_thread)
     write_code(task) ─► submit(): append to ─► sender (parrot.batcher): wait a short window,
                         the open batch            then POST /v1/graphs with all pending,
                         (returns at once)         one batch at a time, in issue order
@@ -13,6 +13,12 @@ Calls issued close together go out as one graph; since batches are posted strict
 order, a later batch may use the variables of an earlier one. The VM is "current"
 inside ``with`` / ``async with`` (a context variable), which is how semantic
 functions find it.
+
+All VMs of a process share one loop thread and one connection pool per service
+(``shared_loop``, ``shared_clients``): a session costs its own HTTP requests and nothing
+more, which matters to integrations that open one per framework invocation. Closing a
+VM cancels only its own work there. So an async native function must not block: it
+runs on the loop every VM of the process uses.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ from contextvars import ContextVar, Token
 from typing import Any, TypeVar
 
 from parrot.batcher import GraphBatcher
-from parrot.client import ServiceClient
+from parrot.client import ServiceClient, shared_clients
 from parrot.errors import ParrotError
-from parrot.loop_thread import LoopStoppedError, LoopThread
+from parrot.loop_thread import LoopLease, LoopStoppedError, shared_loop
 from parrot.schemas import CallDecl, Criterion, FetchDecl, GraphInfo, GraphSubmit, VariableDecl
 from parrot.variable import SemanticVariable
 
@@ -70,7 +76,7 @@ class Parrot:
         self._batch_window_s = batch_window_s
         self._state = "new"  # -> "opening" -> "open" -> "closed"
         self._lock = threading.Lock()  # makes declaring variables and queueing calls atomic
-        self._loop: LoopThread | None = None
+        self._loop: LoopLease | None = None  # this VM's share of the process's client loop
         self._client: ServiceClient | None = None
         self._batcher: GraphBatcher | None = None
         self._session_id: str | None = None
@@ -129,7 +135,7 @@ class Parrot:
                 from parrot.embedded import embedded_url  # the one door into the service
 
                 base_url = embedded_url(self._model)
-            self._loop = LoopThread(name="parrot-vm")
+            self._loop = shared_loop().lease()
             self._loop.run_sync(self._aopen(base_url))
         except BaseException:
             if self._loop is not None:
@@ -139,7 +145,7 @@ class Parrot:
         self._state = "open"
 
     async def _aopen(self, base_url: str) -> None:
-        self._client = ServiceClient(base_url, api_key=self._api_key, timeout=self._timeout)
+        self._client = await shared_clients().acquire(base_url, api_key=self._api_key, timeout=self._timeout)
         try:
             if self._model is not None and self._base_url is not None:
                 models = await self._client.list_models()
@@ -148,7 +154,7 @@ class Parrot:
                                       f"(it serves {', '.join(models) or 'none'})")
             session = await self._client.create_session(self._session_idle_timeout_s)
         except BaseException:
-            await self._client.aclose()
+            await shared_clients().release(self._client)
             raise
         self._session_id = session.id
         assert self._loop is not None
@@ -184,7 +190,7 @@ class Parrot:
         except ParrotError as exc:
             logger.warning("could not delete Parrot session %s: %s", self._session_id, exc)
         finally:
-            await self._client.aclose()
+            await shared_clients().release(self._client)
 
     # -- the graph -------------------------------------------------------------------------
 

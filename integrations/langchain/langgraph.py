@@ -38,7 +38,7 @@ import parrot as P
 from parrot.errors import ParrotError
 from parrot.integrations.langchain.base import ParrotModelFields
 
-GATHER_QUIET_S = 0.02  # no new call for this long: the step's parallel calls have all arrived
+GATHER_QUIET_S = 0.005  # no new call for this long: the step's parallel calls have all arrived
 GATHER_MAX_S = 0.2  # the longest a call is held back for the others of its step
 _POLL_S = 0.002  # while a joined invocation is still building its call
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import pytest
 import torch
 
 from parrot.service.engine.base import GenerateRequest, SamplingParams
@@ -159,21 +160,28 @@ def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+COUNCIL = "The council met on Tuesday to discuss the new bridge, the farms and the library. " * 12
+QUESTIONS = ["Why did it flood?", "Who voted no?", "When will it open?", "What did it cost?"]
+
+
+def serve_together(engine, prompts: list[list[int]], tag: str) -> list[list[int]]:
+    """Add every prompt before the first step, run to the end; the greedy outputs."""
+    reqs = []
+    for i, ids in enumerate(prompts):
+        engine._add(GenerateRequest(f"{tag}{i}", ids, SamplingParams(max_new_tokens=8, temperature=0.0)))
+        reqs.append(engine._requests[f"{tag}{i}"])
+    while engine.scheduler.has_work:
+        engine.step()
+    return [r.output_ids for r in reqs]
+
+
 def test_engine_prefills_a_shared_prefix_once_and_outputs_stay_exact(tiny_engine_factory, tokenizer):
-    text = "The council met on Tuesday to discuss the new bridge, the farms and the library. " * 12
-    prefix = tokenizer.encode(text)[:100]
-    questions = ["Why did it flood?", "Who voted no?", "When will it open?", "What did it cost?"]
-    prompts = [prefix + tokenizer.encode(" " + q) for q in questions]
+    prefix = tokenizer.encode(COUNCIL)[:100]
+    prompts = [prefix + tokenizer.encode(" " + q) for q in QUESTIONS]
     suffix_total = sum(len(p) - 100 for p in prompts)
 
     def serve(engine, tag: str) -> list[list[int]]:
-        reqs = []
-        for i, ids in enumerate(prompts):
-            engine._add(GenerateRequest(f"{tag}{i}", ids, SamplingParams(max_new_tokens=8, temperature=0.0)))
-            reqs.append(engine._requests[f"{tag}{i}"])
-        while engine.scheduler.has_work:
-            engine.step()
-        return [r.output_ids for r in reqs]
+        return serve_together(engine, prompts, tag)
 
     engine, hf = tiny_engine_factory()
     outputs = serve(engine, "shared")
@@ -187,3 +195,20 @@ def test_engine_prefills_a_shared_prefix_once_and_outputs_stay_exact(tiny_engine
     engine.scheduler.config = dataclasses.replace(engine.scheduler.config, shared_prefill_min_tokens=None)
     assert serve(engine, "each") == outputs
     assert engine.scheduler.num_prefill_tokens == 4 * 100 + suffix_total
+
+
+def test_on_cpu_a_short_shared_prefix_is_prefilled_once_too(tiny_engine_factory, tokenizer):
+    engine, hf = tiny_engine_factory()  # "auto": 8 tokens on CPU
+    assert engine.scheduler.config.shared_prefill_min_tokens == 8
+    prefix = tokenizer.encode(COUNCIL)[:12]  # what a LangGraph step's agents add to a cached chat
+    prompts = [prefix + tokenizer.encode(" " + q) for q in QUESTIONS]
+    outputs = serve_together(engine, prompts, "short")
+    assert engine.scheduler.num_prefill_tokens == 12 + sum(len(p) - 12 for p in prompts)
+    assert outputs == [hf_greedy(hf, ids, 8) for ids in prompts]
+
+    engine, _ = tiny_engine_factory(shared_prefill_min_tokens=64)  # the GPU default: computed by each
+    serve_together(engine, prompts, "each")
+    assert engine.scheduler.num_prefill_tokens == sum(map(len, prompts))
+    for bad in (0, -3, "sometimes"):
+        with pytest.raises(ValueError, match="shared_prefill_min_tokens"):
+            tiny_engine_factory(shared_prefill_min_tokens=bad)

@@ -35,7 +35,8 @@ def test_flush_cache_makes_the_next_request_compute_its_prompt_again(live_server
 def test_only_an_operator_may_flush(tiny_engine_factory, serve_app):
     engine, _ = tiny_engine_factory()
     tenants = Tenants({"alice": TenantConfig(keys=["sk-alice"])}, admin_keys=["sk-admin"])
-    with serve_app(create_app(engine, tenants=tenants)) as url, httpx.Client(base_url=url, timeout=30) as http:
+    app = create_app(engine, tenants=tenants)
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         assert http.post("/flush_cache").status_code == 401
         denied = http.post("/flush_cache", headers={"Authorization": "Bearer sk-alice"})
         assert denied.status_code == 403 and "operator" in denied.json()["error"]["message"]

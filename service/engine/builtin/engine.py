@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -84,6 +84,12 @@ class BuiltinEngineConfig:
     # False: no compute is shared between requests (no radix cache, no two-phase attention);
     # for ablations, like vLLM without prefix caching.
     prefix_caching: bool = True
+    # A request that shares this many not-yet-cached prompt tokens with one prefilling them
+    # waits a step and reuses them (see scheduler.py); None never holds one back. "auto": 8 on
+    # CPU, where every prefill token costs about as much compute as the next, so computing a
+    # shared part twice costs more than any wait from about 8 tokens on (the fixed part of a
+    # step); 64 on GPUs, where a step of a few dozen tokens more costs next to nothing.
+    shared_prefill_min_tokens: int | Literal["auto"] | None = "auto"
     # Decode attention (plain and two-phase): "torch" (the reference), "triton" (the
     # kernels in parrot.service.kernels; CUDA, or CPU under TRITON_INTERPRET=1 for tests),
     # "auto": torch until the Triton kernels are verified on GPUs. Prefill always uses torch.
@@ -162,6 +168,7 @@ class BuiltinEngine(Engine):
                 max_step_tokens=config.max_step_tokens,
                 latency_step_tokens=config.latency_step_tokens,
                 prefix_caching=config.prefix_caching,
+                shared_prefill_min_tokens=self._shared_prefill_min_tokens(config.shared_prefill_min_tokens),
             ),
             self.allocator,
             self.cache,
@@ -178,6 +185,14 @@ class BuiltinEngine(Engine):
         self.num_steps = 0
         self.busy_s = 0.0  # time in steps, for the load's counter
         self._scratch_slot: int | None = None  # a KV slot written and never read (prompt_logprobs.py)
+
+    def _shared_prefill_min_tokens(self, value: int | str | None) -> int | None:
+        if value == "auto":
+            return 8 if self.device.type == "cpu" else 64
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"shared_prefill_min_tokens must be a positive number of tokens, "
+                             f"'auto' or None, not {value!r}")
+        return value
 
     def _pick_dtype(self, name: str) -> torch.dtype:
         if name == "auto":
