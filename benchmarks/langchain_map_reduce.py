@@ -29,6 +29,7 @@ from benchmarks.harness import (
     System,
     add_repeats_option,
     benchmark_main,
+    engine_busy_s,
     measure_systems,
     print_table,
     text_chunk,
@@ -70,9 +71,10 @@ def measure(args) -> list[Row]:
             if url not in models:
                 models[url] = make_model(url)
                 models[url].invoke("Say hello.", max_tokens=4)  # connections, first-call costs: untimed
+            busy = engine_busy_s(url)
             started = time.perf_counter()
             outputs.add(chain_with(models[url]).invoke(chunks))
-            return Measured(time.perf_counter() - started)
+            return Measured(time.perf_counter() - started, engine_s=engine_busy_s(url) - busy)
         return once
 
     rows = measure_systems([System(name, THROUGHPUT_TUNED, job(model, chain))
