@@ -193,9 +193,11 @@ def measure_systems(systems: Sequence[System], repeats: int = REPEATS) -> list[R
 
 
 def _median_row(system: str, runs: list[Measured]) -> Row:
+    """The run of median end-to-end time (the lower middle one of an even count), with its engine
+    time; each extra column is its own median."""
+    middle = sorted(runs, key=lambda m: m.seconds)[(len(runs) - 1) // 2]
     extra = {key: statistics.median(m.extra[key] for m in runs) for key in runs[0].extra}
-    return Row(system, statistics.median(m.seconds for m in runs), extra,
-               engine_s=statistics.median(m.engine_s or 0.0 for m in runs), runs=len(runs))
+    return Row(system, middle.seconds, extra, engine_s=middle.engine_s, runs=len(runs))
 
 
 async def langchain_batch(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
@@ -235,7 +237,7 @@ class Completions:
 @dataclass
 class Row:
     system: str
-    seconds: float  # end to end (a median, when the system ran more than once)
+    seconds: float  # end to end (the median run's, when the system ran more than once)
     extra: dict[str, float] = field(default_factory=dict)
     engine_s: float | None = None  # the engines' time in steps during a run (the median run's)
     runs: int = 1
