@@ -96,7 +96,6 @@ class _Bridges:
                 await self.run_async(aclose())
 
 
-
 class LoopThread(_Bridges):
     """An event loop in a daemon thread of its own, until ``stop``."""
 
@@ -149,8 +148,6 @@ class LoopThread(_Bridges):
             self.loop.call_soon_threadsafe(self.loop.stop)
         if not self.in_loop_thread:
             self._thread.join()
-
-
 
 
 class LoopLease(_Bridges):

@@ -9,8 +9,8 @@
   engine is up, else 503 with the reasons.
 - ``POST /flush_cache`` (SGLang's route; ``/reset_prefix_cache`` is vLLM's name for it) empties
   every engine's prefix cache, keeping what running requests and pins hold: for benchmarks
-  that repeat a run on cold caches, and after swapping what prompts mean (a new system
-  prompt). An operator route, like the engine registry's.
+  that repeat a run on cold caches, or to give the cache's memory back. An operator route,
+  like the engine registry's.
 """
 
 from __future__ import annotations
