@@ -17,7 +17,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-_BLOCK = 128  # tokens common_prefix_len compares at once
+from parrot.service.engine.builtin.radix_cache import common_len
 
 
 @dataclass(eq=False)
@@ -26,20 +26,6 @@ class _Node:
     parent: _Node | None = None
     children: dict[int, _Node] = field(default_factory=dict)
     last_used: int = 0
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many tokens ``a`` and ``b`` share from the start: compared a block at a time (one C
-    comparison per block; prompts share hundreds of tokens), then token by token in the block
-    that differs."""
-    n = min(len(a), len(b))
-    start = 0
-    while start < n:
-        end = min(start + _BLOCK, n)
-        if list(a[start:end]) != list(b[start:end]):  # as lists: a tuple and a list compare by value
-            return next(i for i in range(start, end) if a[i] != b[i])
-        start = end
-    return n
 
 
 class PrefixIndex:
@@ -57,7 +43,7 @@ class PrefixIndex:
             child = node.children.get(tokens[matched])
             if child is None:
                 break
-            n = common_prefix_len(child.tokens, tokens[matched:matched + len(child.tokens)])
+            n = common_len(child.tokens, tokens[matched:matched + len(child.tokens)])
             matched += n
             child.last_used = now
             if n < len(child.tokens):
@@ -75,7 +61,7 @@ class PrefixIndex:
                 node.children[tokens[pos]] = leaf
                 self.num_tokens += len(leaf.tokens)
                 break
-            n = common_prefix_len(child.tokens, tokens[pos:pos + len(child.tokens)])
+            n = common_len(child.tokens, tokens[pos:pos + len(child.tokens)])
             if n < len(child.tokens):
                 child = self._split(child, n)
             child.last_used = now
@@ -90,7 +76,7 @@ class PrefixIndex:
             child = node.children.get(tokens[pos])
             if child is None:
                 return
-            span = common_prefix_len(child.tokens, tokens[pos:pos + len(child.tokens)])
+            span = common_len(child.tokens, tokens[pos:pos + len(child.tokens)])
             if pos + span <= n:  # the cut is further down
                 if span < len(child.tokens):
                     return  # what is recorded leaves ``tokens`` before the cut

@@ -16,8 +16,8 @@ import logging
 from array import array
 from collections.abc import Iterable
 
-from parrot.service.dispatch.prefix_index import common_prefix_len
 from parrot.service.dispatch.registry import EngineHandle
+from parrot.service.engine.builtin.radix_cache import common_len
 from parrot.service.runtime.graph import Call
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class PrefixPins:
         best = 0
         for prefix, calls in self.pending.items():
             if any(c is not call and c.group == call.group for c in calls):
-                best = max(best, common_prefix_len(prompt, prefix))
+                best = max(best, common_len(prompt, prefix))
         return prompt[:best] if best >= self.min_tokens else []
 
     def placed(self, handle: EngineHandle, prompt: list[int]) -> None:
@@ -62,7 +62,7 @@ class PrefixPins:
         engine's current step ends, and split calls submitted together over several steps."""
         waiting: dict[int, list[Call]] = {}  # shared length -> the calls that need that much
         for prefix, calls in self.pending.items():
-            n = common_prefix_len(prompt, prefix)
+            n = common_len(prompt, prefix)
             if n >= self.min_tokens:
                 waiting.setdefault(n, []).extend(calls)
         for n, needing in waiting.items():

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from parrot.service.dispatch.prefix_index import PrefixIndex, common_prefix_len
+from parrot.service.dispatch.prefix_index import PrefixIndex
+from parrot.service.engine.builtin.radix_cache import common_len
 
 BIG = 1 << 20
 
@@ -73,9 +74,9 @@ def test_what_an_engine_says_it_evicted_is_forgotten_past_the_cut():
 
 
 @pytest.mark.parametrize("shared", [0, 1, 127, 128, 129, 300])
-def test_common_prefix_len_counts_across_blocks_and_sequence_types(shared):
+def test_common_len_counts_across_blocks_and_sequence_types(shared):
     a = list(range(shared)) + [-1, 5, 6]
     b = tuple(range(shared)) + (-2, 5, 6)
-    assert common_prefix_len(a, b) == shared
-    assert common_prefix_len(a, a[:shared]) == shared  # one ends where they agree
-    assert common_prefix_len(a, list(a)) == len(a)
+    assert common_len(a, b) == shared
+    assert common_len(a, a[:shared]) == shared  # one ends where they agree
+    assert common_len(a, list(a)) == len(a)
