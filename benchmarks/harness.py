@@ -150,6 +150,11 @@ def flush_caches(url: str, setup: EngineSetup) -> None:
         raise RuntimeError(f"the service at {url} did not flush every engine's cache: {flushed}")
 
 
+def served_model(url: str) -> str:
+    """The service's default model, for the clients that must name one (``ChatOpenAI``, SK)."""
+    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+
+
 def engine_busy_s(url: str) -> float:
     """The time the service's engines have spent in steps so far, all engines together. An engine
     process is asked itself (the service's copy of its load is as old as its last heartbeat)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import httpx
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableLambda
@@ -32,6 +31,7 @@ from benchmarks.harness import (
     engine_busy_s,
     measure_systems,
     print_table,
+    served_model,
     text_chunk,
 )
 from parrot.integrations.langchain import ChatParrot, compile
@@ -48,17 +48,13 @@ def chain_of(llm) -> Runnable:
     return summarize.map() | join | REDUCE | llm | StrOutputParser()
 
 
-def served(url: str) -> str:
-    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-
-
 def measure(args) -> list[Row]:
     chunks = [{"chunk": text_chunk(i, args.sentences)} for i in range(args.chunks)]
     systems = {  # name: (the model on a service's URL, the chain run with it)
         "parrot (class swapped)": (lambda url: ChatParrot(base_url=url, max_tokens=args.tokens), chain_of),
         "parrot (compiled)": (lambda url: ChatParrot(base_url=url, max_tokens=args.tokens),
                               lambda llm: compile(chain_of(llm))),
-        "ChatOpenAI": (lambda url: ChatOpenAI(base_url=f"{url}/v1", api_key="none", model=served(url),
+        "ChatOpenAI": (lambda url: ChatOpenAI(base_url=f"{url}/v1", api_key="none", model=served_model(url),
                                               temperature=0, max_tokens=args.tokens, max_retries=0),
                        chain_of),
     }

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import time
 
-import httpx
 from openai import AsyncOpenAI
 from semantic_kernel import Kernel
 from semantic_kernel.connectors.ai.chat_completion_client_base import ChatCompletionClientBase
@@ -36,6 +35,7 @@ from benchmarks.harness import (
     engine_busy_s,
     measure_systems,
     print_table,
+    served_model,
     text_chunk,
 )
 from parrot.integrations.semantic_kernel import ParrotChatCompletion, enable_graphs
@@ -60,10 +60,6 @@ def build_kernel(chat: ChatCompletionClientBase, sections: int, tokens: int) -> 
     return kernel
 
 
-def served(url: str) -> str:
-    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-
-
 async def timed_assessment(kernel: Kernel, sections: list[str], url: str) -> tuple[Measured, str]:
     # One small call first: connections and first-call costs out of the timing (and out of
     # the engine time).
@@ -81,7 +77,7 @@ def measure(args) -> list[Row]:
         "parrot (graphs)": lambda url: enable_graphs(build_kernel(
             ParrotChatCompletion(base_url=url), args.sections, args.tokens)),
         "OpenAIChatCompletion": lambda url: build_kernel(
-            OpenAIChatCompletion(ai_model_id=served(url), async_client=AsyncOpenAI(base_url=f"{url}/v1",
+            OpenAIChatCompletion(ai_model_id=served_model(url), async_client=AsyncOpenAI(base_url=f"{url}/v1",
                                                                                    api_key="none")),
             args.sections, args.tokens),
     }
