@@ -27,7 +27,7 @@ from benchmarks.harness import (
     Completions,
     Measured,
     Row,
-    add_repeats_option,
+    add_run_options,
     benchmark_main,
     compare_three_ways,
     print_table,
@@ -97,7 +97,7 @@ def measure(args) -> list[Row]:
     chunks = chunks_for(args.chunks, args.sentences)
     return compare_three_ways(lambda url: measured_parrot_job(url, chunks, args.step_tokens),
                               lambda llm: request_centric_job(llm, chunks, args.step_tokens),
-                              parrot_variants=[NO_PREFILL_AHEAD], repeats=args.repeats)
+                              parrot_variants=[NO_PREFILL_AHEAD], repeats=args.repeats, rtt_ms=args.rtt_ms)
 
 
 def parse_args(argv=None):
@@ -105,7 +105,7 @@ def parse_args(argv=None):
     parser.add_argument("--chunks", type=int, default=6)
     parser.add_argument("--sentences", type=int, default=3, help="sentences per chunk (~13 tokens each)")
     parser.add_argument("--step-tokens", type=int, default=32, help="tokens each step's summary has")
-    add_repeats_option(parser)
+    add_run_options(parser)
     parser.add_argument("--quick", action="store_true", help="a smoke run (3 chunks, 8 tokens)")
     args = parser.parse_args(argv)
     if args.quick:

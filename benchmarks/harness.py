@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import statistics
@@ -40,6 +41,8 @@ from typing import Any, TypeVar
 import httpx
 from rich.console import Console
 from rich.table import Table
+
+from benchmarks.network import DelayedLink
 
 T = TypeVar("T")
 
@@ -179,22 +182,27 @@ class System:
     engine_processes: int = 0
 
 
-def measure_systems(systems: Sequence[System], repeats: int = REPEATS) -> list[Row]:
+def measure_systems(systems: Sequence[System], repeats: int = REPEATS, rtt_ms: float = 0.0) -> list[Row]:
     """Each system's median over ``repeats`` runs: every system gets a service of its own, started
-    up front; then the systems take turns (the first to go rotates), each run on a flushed cache."""
+    up front; then the systems take turns (the first to go rotates), each run on a flushed cache.
+    ``rtt_ms``: the apps reach their services over an emulated network with this round-trip time
+    (``benchmarks.network``); 0 is loopback."""
     runs: dict[str, list[Measured]] = {s.name: [] for s in systems}
     with contextlib.ExitStack() as stack:
         urls = [stack.enter_context(running_service(s.setup, s.engine_processes)) for s in systems]
+        app_urls = [stack.enter_context(DelayedLink(url, rtt_ms / 1000)) if rtt_ms else url for url in urls]
         for r in range(repeats):
             for k in range(len(systems)):
-                system, url = systems[(k + r) % len(systems)], urls[(k + r) % len(systems)]
+                i = (k + r) % len(systems)
+                system, url = systems[i], urls[i]
                 flush_caches(url, system.setup)
                 before = engine_busy_s(url)
-                measured = system.job(url)
+                measured = system.job(app_urls[i])
                 if measured.engine_s is None:  # a job with untimed warm-up work counts its own
                     measured.engine_s = engine_busy_s(url) - before
                 runs[system.name].append(measured)
-    return [_median_row(name, measured) for name, measured in runs.items()]
+    return [dataclasses.replace(_median_row(name, measured), rtt_ms=rtt_ms)
+            for name, measured in runs.items()]
 
 
 def _median_row(system: str, runs: list[Measured]) -> Row:
@@ -246,6 +254,7 @@ class Row:
     extra: dict[str, float] = field(default_factory=dict)
     engine_s: float | None = None  # the engines' time in steps during a run (the median run's)
     runs: int = 1
+    rtt_ms: float = 0.0  # the emulated network's round trip between app and service
 
 
 @dataclass
@@ -272,7 +281,8 @@ def print_table(title: str, rows: list[Row], reference: str, extra_columns: Sequ
     """One row per system; the last column is the row's end-to-end time over ``reference``'s,
     so 2.00x means ``reference`` finished twice as fast as that row's system."""
     parrot = next(r for r in rows if r.system == reference)
-    runs = max(r.runs for r in rows)
+    runs, rtt_ms = max(r.runs for r in rows), max(r.rtt_ms for r in rows)
+    title += f", {rtt_ms:g} ms network round trips" if rtt_ms else ""
     table = Table(title=title + (f" (median of {runs} runs each)" if runs > 1 else ""), title_justify="left")
     table.add_column("system")
     table.add_column("end to end s", justify="right")
@@ -302,7 +312,7 @@ def run(coro: Awaitable[Any]) -> Any:
 def compare_three_ways(parrot_way: Callable[[str], Awaitable[Any]],
                        request_centric_way: Callable[[Completions], Awaitable[Any]],
                        parrot_variants: Sequence[tuple[str, EngineSetup]] = (),
-                       repeats: int = REPEATS) -> list[Row]:
+                       repeats: int = REPEATS, rtt_ms: float = 0.0) -> list[Row]:
     """End-to-end time of an app run Parrot's way (given the service URL) and the request-centric
     way (given its client), throughput- and latency-tuned (``measure_systems``).
     ``parrot_variants``: more Parrot rows, each on a service set up its own way (an ablation).
@@ -322,13 +332,16 @@ def compare_three_ways(parrot_way: Callable[[str], Awaitable[Any]],
     return measure_systems([System("parrot", THROUGHPUT_TUNED, job(parrot)),
                             *(System(name, variant, job(parrot)) for name, variant in parrot_variants),
                             System("throughput-tuned", THROUGHPUT_TUNED, job(request_centric)),
-                            System("latency-tuned", LATENCY_TUNED, job(request_centric))], repeats)
+                            System("latency-tuned", LATENCY_TUNED, job(request_centric))], repeats, rtt_ms)
 
 
-def add_repeats_option(parser: Any) -> None:
+def add_run_options(parser: Any) -> None:
     parser.add_argument("--repeats", type=int, default=REPEATS,
                         help="runs of each system, taking turns on flushed caches; tables show medians "
                              "(--quick: 1)")
+    parser.add_argument("--rtt-ms", type=float, default=0.0,
+                        help="emulate a network between the app and the service with this round-trip time "
+                             "(the Parrot paper's experiments: 200-300 ms per call); 0: loopback")
 
 
 def benchmark_main(parse_args: Callable[[list[str] | None], Any], measure: Callable[[Any], list[Row]],

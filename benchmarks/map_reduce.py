@@ -28,7 +28,7 @@ from benchmarks.harness import (
     Completions,
     Measured,
     Row,
-    add_repeats_option,
+    add_run_options,
     benchmark_main,
     compare_three_ways,
     langchain_batch,
@@ -107,7 +107,7 @@ def measure(args) -> list[Row]:
                                         instructions=instructions_for(args.reduce_instructions)),
         lambda llm: request_centric_job(llm, chunks, args.map_tokens, args.reduce_tokens,
                                         instructions_for(args.reduce_instructions)),
-        parrot_variants=[NO_PREFILL_AHEAD], repeats=args.repeats)
+        parrot_variants=[NO_PREFILL_AHEAD], repeats=args.repeats, rtt_ms=args.rtt_ms)
 
 
 def parse_args(argv=None):
@@ -118,7 +118,7 @@ def parse_args(argv=None):
     parser.add_argument("--reduce-tokens", type=int, default=16)
     parser.add_argument("--reduce-instructions", type=int, default=0,
                         help="sentences of static text the reduce prompt starts with (~16 tokens each)")
-    add_repeats_option(parser)
+    add_run_options(parser)
     parser.add_argument("--quick", action="store_true", help="a smoke run (6 chunks, 8 tokens)")
     args = parser.parse_args(argv)
     if args.quick:

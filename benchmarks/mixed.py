@@ -38,7 +38,7 @@ from benchmarks.harness import (
     Measured,
     Row,
     System,
-    add_repeats_option,
+    add_run_options,
     benchmark_main,
     measure_systems,
     print_table,
@@ -116,7 +116,7 @@ def measure(args) -> list[Row]:
                ("throughput-tuned", throughput_tuned, request_centric_run),
                ("latency-tuned", latency_tuned, request_centric_run)]
     return measure_systems([System(name, setup, job(fn), engine_processes=2) for name, setup, fn in systems],
-                           args.repeats)
+                           args.repeats, args.rtt_ms)
 
 
 def parse_args(argv=None):
@@ -134,7 +134,7 @@ def parse_args(argv=None):
     parser.add_argument("--think-s", type=float, default=1.0)
     parser.add_argument("--latency-step-tokens", type=int, default=8,
                         help="Parrot engines' step budget while chat turns run")
-    add_repeats_option(parser)
+    add_run_options(parser)
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     args = parser.parse_args(argv)
     if args.quick:

@@ -24,7 +24,7 @@ from benchmarks.harness import (
     Completions,
     Measured,
     Row,
-    add_repeats_option,
+    add_run_options,
     benchmark_main,
     compare_three_ways,
     langchain_batch,
@@ -97,7 +97,8 @@ async def request_centric_job(llm: Completions, task: str, rounds: int, agents: 
 def measure(args) -> list[Row]:
     shape = (args.rounds, args.agents, args.message_tokens)
     return compare_three_ways(lambda url: parrot_job(url, TASK, *shape),
-                              lambda llm: request_centric_job(llm, TASK, *shape), repeats=args.repeats)
+                              lambda llm: request_centric_job(llm, TASK, *shape),
+                              repeats=args.repeats, rtt_ms=args.rtt_ms)
 
 
 def parse_args(argv=None):
@@ -105,7 +106,7 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--agents", type=int, default=4, help="agents per round (architect, engineer, ...)")
     parser.add_argument("--message-tokens", type=int, default=24)
-    add_repeats_option(parser)
+    add_run_options(parser)
     parser.add_argument("--quick", action="store_true", help="a smoke run (2 rounds, 8 tokens)")
     args = parser.parse_args(argv)
     if args.quick:

@@ -25,7 +25,7 @@ from benchmarks.harness import (
     Measured,
     Row,
     System,
-    add_repeats_option,
+    add_run_options,
     benchmark_main,
     measure_systems,
     print_table,
@@ -93,7 +93,8 @@ def measure(args) -> list[Row]:
 
     return measure_systems([System("parrot", THROUGHPUT_TUNED, job(parrot_users)),
                             System("request-centric", THROUGHPUT_TUNED, job(request_centric_users)),
-                            System("no sharing", no_sharing, job(request_centric_users))], args.repeats)
+                            System("no sharing", no_sharing, job(request_centric_users))],
+                           args.repeats, args.rtt_ms)
 
 
 def parse_args(argv=None):
@@ -101,7 +102,7 @@ def parse_args(argv=None):
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--paragraphs", type=int, default=8, help="system prompt size (~100 tokens each)")
     parser.add_argument("--tokens", type=int, default=24, help="tokens per answer")
-    add_repeats_option(parser)
+    add_run_options(parser)
     parser.add_argument("--quick", action="store_true", help="a smoke run (6 users, 8 tokens)")
     args = parser.parse_args(argv)
     if args.quick:

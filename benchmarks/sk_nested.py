@@ -30,7 +30,7 @@ from benchmarks.harness import (
     Measured,
     Row,
     System,
-    add_repeats_option,
+    add_run_options,
     benchmark_main,
     engine_busy_s,
     measure_systems,
@@ -91,7 +91,7 @@ def measure(args) -> list[Row]:
         return once
 
     rows = measure_systems([System(name, THROUGHPUT_TUNED, job(kernel)) for name, kernel in systems.items()],
-                           args.repeats)
+                           args.repeats, args.rtt_ms)
     print(f"identical outputs: {'yes' if len(outputs) == 1 else 'no'}")
     return rows
 
@@ -101,7 +101,7 @@ def parse_args(argv=None):
     parser.add_argument("--sections", type=int, default=6)
     parser.add_argument("--sentences", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32, help="the longest reply")
-    add_repeats_option(parser)
+    add_run_options(parser)
     parser.add_argument("--quick", action="store_true", help="a smoke run (3 sections, 8 tokens)")
     args = parser.parse_args(argv)
     if args.quick:

@@ -71,11 +71,12 @@ class GraphBatcher:
         if batch is not None:
             batch.posted.set_exception(error)
 
-    def announce(self, var_id: str, criterion: Criterion) -> None:
-        """The app is about to fetch ``var_id``: tell the service with its batch, if still open."""
+    def announce(self, var_id: str, criterion: Criterion, *, wait: bool = False) -> None:
+        """The app is about to fetch ``var_id``: tell the service with its batch, if still open
+        (``wait``: and ask the post's answer to bring the value)."""
         with self._lock:
             if self._open is not None and self._open.posted is self._posted_by_var.get(var_id):
-                self._open.fetches.append(FetchDecl(var=var_id, criterion=criterion))
+                self._open.fetches.append(FetchDecl(var=var_id, criterion=criterion, wait=wait))
 
     async def wait_posted(self, var_id: str, timeout: float | None) -> None:
         """Wait until the batch that declared ``var_id`` was posted; raise its refusal."""

@@ -8,7 +8,10 @@ the VM (``parrot.vm``) decides what to send and when.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import itertools
 import json
 import os
 import ssl
@@ -38,6 +41,7 @@ M = TypeVar("M", bound=BaseModel)
 # One long-poll asks the service to hold the request at most this long; a longer
 # wait is several polls, so no proxy or client timeout cuts a healthy wait short.
 MAX_POLL_S = 30.0
+RETRY_BACKOFF_S = 0.25  # before trying a failed connection again; doubled after each failure
 
 
 @functools.cache
@@ -50,10 +54,14 @@ def _tls_context() -> ssl.SSLContext:
 class ServiceClient:
     """Async client of one Parrot service. Create and use it on one event loop."""
 
-    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 60.0,
+                 max_retries: int = 0) -> None:
+        """``max_retries``: tries more for a request whose connection could not be made (nothing
+        was sent, so any request is safe to send again), after 0.25 s, 0.5 s, 1 s, ..."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.max_retries = max_retries
         # pool=None: a request waiting for a free connection (many long-polls at once)
         # waits for one instead of failing.
         self._http = httpx.AsyncClient(
@@ -76,6 +84,27 @@ class ServiceClient:
 
     async def submit_graph(self, graph: GraphSubmit) -> GraphAccepted:
         return await self._request("POST", "/v1/graphs", GraphAccepted, json=_dump(graph))
+
+    async def stream_graph(self, graph: GraphSubmit) -> AsyncIterator[GraphAccepted | VariableInfo]:
+        """Submit ``graph`` (``stream=True``) and read its answer: the ``GraphAccepted`` first,
+        then each waited variable as it settles; the stream may end with some never sent."""
+        no_read_limit = httpx.Timeout(self.timeout, read=None, pool=None)  # values take their time
+        try:
+            async with self._stream("POST", "/v1/graphs", json=_dump(graph), timeout=no_read_limit) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise _error_from(resp)
+                async for event in _sse_events(resp):
+                    try:
+                        if "accepted" in event:
+                            yield GraphAccepted.model_validate(event["accepted"])
+                        elif "variable" in event:
+                            yield VariableInfo.model_validate(event["variable"])
+                    except ValidationError as exc:
+                        raise ParrotError(f"POST /v1/graphs: unexpected answer from the service: {exc}",
+                                          ) from exc
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.base_url) from exc
 
     async def submit_call(self, session_id: str, call: CallDecl) -> CallInfo:
         """Submit one call (template or chat); the service creates its output variables."""
@@ -116,10 +145,8 @@ class ServiceClient:
                 params["criterion"] = Criterion(criterion).value
             info = await self._request("GET", _var_path(session_id, var_id), VariableInfo,
                                        params=params, timeout=poll_s + self.timeout)
-            if info.error is not None:
-                raise ParrotError(info.error, status_code=424)
-            if info.ready:
-                return info.value or ""
+            if info.ready or info.error is not None:
+                return value_of(info)
             if deadline is not None and time.monotonic() >= deadline:
                 raise ParrotTimeoutError(f"variable {var_id} was not ready within {timeout} s")
 
@@ -134,8 +161,8 @@ class ServiceClient:
         no_read_limit = httpx.Timeout(self.timeout, read=None, pool=None)  # generation takes its time
         sent = ""
         try:
-            async with self._http.stream("GET", _var_path(session_id, var_id) + "/stream",
-                                         params=params, timeout=no_read_limit) as resp:
+            async with self._stream("GET", _var_path(session_id, var_id) + "/stream",
+                                    params=params, timeout=no_read_limit) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
                     raise _error_from(resp)
@@ -165,7 +192,7 @@ class ServiceClient:
         if timeout is not None:
             kwargs["timeout"] = httpx.Timeout(timeout, pool=None)
         try:
-            resp = await self._http.request(method, path, **kwargs)
+            resp = await self._send(self._http.build_request(method, path, **kwargs))
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self.base_url) from exc
         if resp.status_code >= 400:
@@ -176,6 +203,34 @@ class ServiceClient:
             return model.model_validate_json(resp.content)
         except ValidationError as exc:
             raise ParrotError(f"{method} {path}: unexpected answer from the service: {exc}") from exc
+
+
+    async def _send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
+        """Send ``request``, again after a failed connection (``max_retries`` times)."""
+        for attempt in itertools.count():
+            try:
+                return await self._http.send(request, stream=stream)
+            except httpx.ConnectError:
+                if attempt >= self.max_retries:
+                    raise
+            await asyncio.sleep(RETRY_BACKOFF_S * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        """``httpx.AsyncClient.stream`` with ``_send``'s retries."""
+        resp = await self._send(self._http.build_request(method, path, **kwargs), stream=True)
+        try:
+            yield resp
+        finally:
+            await resp.aclose()
+
+
+def value_of(info: VariableInfo) -> str:
+    """A settled variable's value; its error (its producer failed) raises ``ParrotError``."""
+    if info.error is not None:
+        raise ParrotError(info.error, status_code=424)
+    return info.value or ""
 
 
 def _var_path(session_id: str, var_id: str) -> str:
@@ -236,13 +291,14 @@ class SharedClients:
 
     def __init__(self, max_idle: int = 8) -> None:
         self.max_idle = max_idle
-        self._clients: dict[tuple[str, str | None, float], tuple[ServiceClient, int]] = {}  # LRU first
+        self._clients: dict[tuple[str, str | None, float, int], tuple[ServiceClient, int]] = {}  # LRU first
 
-    async def acquire(self, base_url: str, *, api_key: str | None, timeout: float) -> ServiceClient:
-        key = (base_url.rstrip("/"), api_key, timeout)
+    async def acquire(self, base_url: str, *, api_key: str | None, timeout: float,
+                      max_retries: int = 0) -> ServiceClient:
+        key = (base_url.rstrip("/"), api_key, timeout, max_retries)
         client, users = self._clients.pop(key, (None, 0))
         if client is None:
-            client = ServiceClient(base_url, api_key=api_key, timeout=timeout)
+            client = ServiceClient(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
         self._clients[key] = (client, users + 1)
         await self._close_idle()
         return client

@@ -21,6 +21,9 @@ MIN_TEMPERATURE: Final = 1e-5
 
 # A session reaped after being idle this long at most, whatever its client asks for.
 MAX_IDLE_TIMEOUT_S: Final = 24 * 3600.0
+# How long a streamed graph submission waits for its fetches' values; what is not set by
+# then is fetched with a poll (each poll a bounded wait too, so no proxy cuts it short).
+MAX_WAIT_S: Final = 30.0
 
 # One graph submission.
 MAX_CALLS_PER_GRAPH: Final = 1000

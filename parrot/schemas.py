@@ -5,7 +5,9 @@ HTTP routes (JSON; errors are ``{"error": {"message", "type", "param", "code"}}`
     POST   /v1/sessions                                   -> SessionInfo
     DELETE /v1/sessions/{sid}                             cancels pending calls, frees their KV
     POST   /v1/graphs                  GraphSubmit        -> GraphAccepted
-           (``fetches`` announce the criteria the app will fetch with, before calls run)
+           (``fetches`` announce the criteria the app will fetch with, before calls run;
+           ``open_session`` opens ``session_id`` with it; ``stream``: SSE {"accepted": ...},
+           then {"variable": VariableInfo} for each fetch with ``wait`` as it settles)
     POST   /v1/sessions/{sid}/calls    CallDecl           -> CallInfo  (one call; creates its outputs)
     GET    /v1/sessions/{sid}/calls/{cid}                 -> CallInfo
     POST   /v1/sessions/{sid}/variables  VariableCreate   -> VariableInfo
@@ -18,7 +20,8 @@ HTTP routes (JSON; errors are ``{"error": {"message", "type", "param", "code"}}`
     GET    /v1/sessions/{sid}/graph                       -> GraphInfo
 
 Variable ids are chosen by the client (so calls can be issued without a round trip)
-and are scoped to one session: another session's id is simply not found.
+and are scoped to one session: another session's id is simply not found. A session id
+may be chosen by the client too, to open the session with its first graph.
 
 An ``llm`` call's prompt is either a template or a chat:
 
@@ -210,15 +213,26 @@ class CallDecl(_Strict):
 
 
 class FetchDecl(_Strict):
-    """The app will fetch ``var`` with ``criterion``."""
+    """The app will fetch ``var`` with ``criterion``; with ``wait``, a streamed submission's
+    answer carries the value once it is set (``GraphSubmit.stream``), so no poll is needed."""
 
     var: VarId
     criterion: Criterion
+    wait: bool = False
+
+
+class SessionCreate(_Strict):
+    idle_timeout_s: float | None = Field(None, gt=0, le=limits.MAX_IDLE_TIMEOUT_S)
 
 
 class GraphSubmit(_Strict):
     """Part of a session's graph. Every variable a call reads or writes must be declared in
-    ``variables``, here or in an earlier submission; a call's outputs without a value."""
+    ``variables``, here or in an earlier submission; a call's outputs without a value.
+
+    Each of these saves the app a round trip to the service: ``open_session`` opens the
+    session ``session_id`` (an id the client chose, not in use) with this submission, and
+    ``stream`` answers with an event stream: the ``GraphAccepted`` first, then each waited
+    fetch's variable (``VariableInfo``) as it settles, for up to ``limits.MAX_WAIT_S``."""
 
     session_id: VarId
     variables: list[VariableDecl] = Field(default_factory=list, max_length=limits.MAX_VARIABLES_PER_GRAPH)
@@ -226,16 +240,20 @@ class GraphSubmit(_Strict):
     # Fetches the app already makes, announced with the graph so that every call is
     # placed knowing its objective (a later GET with the same criterion changes nothing).
     fetches: list[FetchDecl] = Field(default_factory=list, max_length=limits.MAX_FETCHES_PER_GRAPH)
+    open_session: SessionCreate | None = None
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _waits_need_a_stream(self) -> GraphSubmit:
+        if not self.stream and any(f.wait for f in self.fetches):
+            raise ValueError("a fetch with wait=true needs stream=true: the stream carries its value")
+        return self
 
 
 class GraphAccepted(BaseModel):
     session_id: str
     variables: list[str]
     calls: list[str]
-
-
-class SessionCreate(_Strict):
-    idle_timeout_s: float | None = Field(None, gt=0, le=limits.MAX_IDLE_TIMEOUT_S)
 
 
 class SessionInfo(BaseModel):

@@ -61,7 +61,7 @@ class SemanticVariable:
         vm = self._home("get")
         if vm is None:
             return self._value  # type: ignore[return-value]  # _home checked it is known
-        vm.announce_fetch(self, _criterion(perf))
+        vm.announce_fetch(self, _criterion(perf), wait=True)
         self._value = vm.run_sync(vm.fetch(self, _criterion(perf), timeout))
         return self._value
 
@@ -71,7 +71,7 @@ class SemanticVariable:
         vm = self._home("aget")
         if vm is None:
             return self._value  # type: ignore[return-value]
-        vm.announce_fetch(self, _criterion(perf))
+        vm.announce_fetch(self, _criterion(perf), wait=True)
         self._value = await vm.run_async(vm.fetch(self, _criterion(perf), timeout))
         return self._value
 

@@ -4,13 +4,18 @@
     write_code(task) ─► submit(): append to ─► sender (parrot.batcher): wait a short window,
                         the open batch            then POST /v1/graphs with all pending,
                         (returns at once)         one batch at a time, in issue order
-    code.get()       ─► run_sync(fetch()) ───► wait until code's batch was posted, then
-                                               long-poll GET .../variables/{id}?criterion=
+    code.get()       ─► run_sync(fetch()) ───► wait until code's batch was posted; its
+                                               value comes in that post's streamed answer
+                                               (or a long-poll GET .../variables/{id})
     native f(x)      ─► submit() + start ────► wait for x; run f (thread or await);
                                                POST .../variables/{out} {value | error}
 
 Calls issued close together go out as one graph; since batches are posted strictly in
-order, a later batch may use the variables of an earlier one. The VM is "current"
+order, a later batch may use the variables of an earlier one. Each HTTP request costs a
+network round trip, so the VM spends as few as it can: the session (its id chosen here)
+is opened by the first graph posted, and a ``get`` issued before its variable's batch went
+out asks that post to stream the value back when it is set, with no poll after it. An app
+that submits its calls and gets the result makes one request. The VM is "current"
 inside ``with`` / ``async with`` (a context variable), which is how semantic
 functions find it.
 
@@ -24,24 +29,47 @@ runs on the loop every VM of the process uses.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import concurrent.futures
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextvars import ContextVar, Token
 from typing import Any, TypeVar
 
 from parrot.batcher import GraphBatcher
-from parrot.client import ServiceClient, shared_clients
-from parrot.errors import ParrotError
+from parrot.client import ServiceClient, shared_clients, value_of
+from parrot.errors import ParrotError, ParrotTimeoutError
 from parrot.loop_thread import LoopLease, LoopStoppedError, shared_loop
-from parrot.schemas import CallDecl, Criterion, FetchDecl, GraphInfo, GraphSubmit, VariableDecl
+from parrot.schemas import (
+    CallDecl,
+    Criterion,
+    FetchDecl,
+    GraphAccepted,
+    GraphInfo,
+    GraphSubmit,
+    SessionCreate,
+    VariableDecl,
+    VariableInfo,
+)
 from parrot.variable import SemanticVariable
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 _current_vm: ContextVar[Parrot | None] = ContextVar("parrot_current_vm", default=None)
+
+# Session deletes still under way for VMs closed in the background: the process waits up to
+# EXIT_WAIT_S for them at exit, so the service does not keep those sessions until they expire.
+_deleting: set[concurrent.futures.Future[None]] = set()
+EXIT_WAIT_S = 5.0
+
+
+@atexit.register
+def _finish_deletes() -> None:
+    concurrent.futures.wait(list(_deleting), timeout=EXIT_WAIT_S)
 
 
 def current_vm() -> Parrot:
@@ -61,17 +89,23 @@ class Parrot:
     ``model``: in embedded mode, the model the embedded service loads (``None``: the
     default model); against a URL, the service must serve it (checked on enter).
     ``timeout``: seconds for each HTTP request (a ``get`` waits as long as its own
-    ``timeout`` says). ``batch_window_s``: how long the sender waits for more calls
-    before it posts a graph (a ``get`` posts at once).
+    ``timeout`` says). ``max_retries``: tries more for a request whose connection could
+    not be made, with backoff (as OpenAI's client does). ``batch_window_s``: how long the
+    sender waits for more calls before it posts a graph (a ``get`` posts at once).
+    ``close_in_background``: leaving the VM does not wait for the service to delete the
+    session (the request still goes, and the process waits for it at exit), for callers
+    that have their results and would otherwise pay that round trip each time.
     """
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, model: str | None = None,
-                 timeout: float = 60.0, *, session_idle_timeout_s: float | None = None,
-                 batch_window_s: float = 0.005) -> None:
+                 timeout: float = 60.0, *, max_retries: int = 2, session_idle_timeout_s: float | None = None,
+                 batch_window_s: float = 0.005, close_in_background: bool = False) -> None:
         self._base_url = base_url
         self._api_key = api_key
         self._model = model
         self._timeout = timeout
+        self._max_retries = max_retries
+        self._close_in_background = close_in_background
         self._session_idle_timeout_s = session_idle_timeout_s
         self._batch_window_s = batch_window_s
         self._state = "new"  # -> "opening" -> "open" -> "closed"
@@ -80,6 +114,11 @@ class Parrot:
         self._client: ServiceClient | None = None
         self._batcher: GraphBatcher | None = None
         self._session_id: str | None = None
+        self._session_opened = False  # a post that opened it was accepted
+        self._session_open_sent = False  # a post that may have opened it went out
+        # Per variable fetched through a streamed post: its info once the post's answer
+        # carried it, or None if the answer ended without it (then it is polled).
+        self._deliveries: dict[str, asyncio.Future[VariableInfo | None]] = {}
         self._tasks: set[asyncio.Task] = set()  # sender and native calls, on the loop
         self._tokens: list[Token] = []
 
@@ -145,27 +184,64 @@ class Parrot:
         self._state = "open"
 
     async def _aopen(self, base_url: str) -> None:
-        self._client = await shared_clients().acquire(base_url, api_key=self._api_key, timeout=self._timeout)
+        self._client = await shared_clients().acquire(base_url, api_key=self._api_key, timeout=self._timeout,
+                                                      max_retries=self._max_retries)
         try:
             if self._model is not None and self._base_url is not None:
                 models = await self._client.list_models()
                 if self._model not in models:
                     raise ParrotError(f"the service at {base_url} does not serve model {self._model!r} "
                                       f"(it serves {', '.join(models) or 'none'})")
-            session = await self._client.create_session(self._session_idle_timeout_s)
         except BaseException:
             await shared_clients().release(self._client)
             raise
-        self._session_id = session.id
+        self._session_id = uuid.uuid4().hex  # the first post opens it
         assert self._loop is not None
         self._batcher = GraphBatcher(self._batch_window_s, self._loop.call_soon)
         self._spawn(self._batcher.run(self._post))
 
     async def _post(self, variables: list[VariableDecl], calls: list[CallDecl],
                     fetches: list[FetchDecl]) -> None:
+        """Post one batch (opening the session with the first); return once it was accepted.
+        A batch with waited fetches is answered as a stream that a task goes on reading."""
         assert self._client is not None
-        await self._client.submit_graph(GraphSubmit(session_id=self.session_id, variables=variables,
-                                                    calls=calls, fetches=fetches))
+        opening = None if self._session_opened else SessionCreate(idle_timeout_s=self._session_idle_timeout_s)
+        graph = GraphSubmit(session_id=self.session_id, variables=variables, calls=calls, fetches=fetches,
+                            open_session=opening, stream=any(f.wait for f in fetches))
+        self._session_open_sent |= opening is not None
+        if graph.stream:
+            loop = asyncio.get_running_loop()
+            accepted: asyncio.Future[None] = loop.create_future()
+            waits = {f.var: self._deliveries.setdefault(f.var, loop.create_future())
+                     for f in fetches if f.wait}
+            self._spawn(self._read_answer(graph, accepted, waits))
+            await accepted
+        else:
+            await self._client.submit_graph(graph)
+        self._session_opened = True
+
+    async def _read_answer(self, graph: GraphSubmit, accepted: asyncio.Future[None],
+                           waits: dict[str, asyncio.Future[VariableInfo | None]]) -> None:
+        """Read a streamed post's answer: accepted, then the waited variables as they settle."""
+        assert self._client is not None
+        try:
+            async for item in self._client.stream_graph(graph):
+                if isinstance(item, GraphAccepted):
+                    if not accepted.done():
+                        accepted.set_result(None)
+                elif item.id in waits and not waits[item.id].done():
+                    waits[item.id].set_result(item)
+        except ParrotError as exc:
+            if not accepted.done():
+                accepted.set_exception(exc)
+            elif exc.status_code is None:  # the rest is polled; a lost connection shows there too
+                logger.info("the answer to a graph post of session %s broke off: %s", self._session_id, exc)
+        finally:
+            if not accepted.done():
+                accepted.set_exception(ParrotError("the service ended its answer to the graph post early"))
+            for fut in waits.values():
+                if not fut.done():
+                    fut.set_result(None)
 
     def _close(self) -> None:
         with self._lock:
@@ -184,11 +260,21 @@ class Parrot:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._close_in_background:
+            deleting = shared_loop().submit(self._delete_session())  # not this VM's: it outlives the lease
+            _deleting.add(deleting)
+            deleting.add_done_callback(_deleting.discard)
+        else:
+            await self._delete_session()
+
+    async def _delete_session(self) -> None:
         assert self._client is not None
         try:
-            await self._client.delete_session(self.session_id)  # cancels what still runs there
+            if self._session_open_sent:
+                await self._client.delete_session(self.session_id)  # cancels what still runs there
         except ParrotError as exc:
-            logger.warning("could not delete Parrot session %s: %s", self._session_id, exc)
+            if self._session_opened or exc.status_code != 404:  # else: the opening post was refused
+                logger.warning("could not delete Parrot session %s: %s", self._session_id, exc)
         finally:
             await shared_clients().release(self._client)
 
@@ -240,6 +326,8 @@ class Parrot:
 
     async def _graph(self) -> GraphInfo:
         assert self._batcher is not None and self._client is not None
+        if not self._session_opened:
+            self._batcher.add([], [])  # nothing posted yet: an empty graph opens the session
         await self._batcher.flush()
         return await self._client.get_graph(self.session_id)
 
@@ -252,10 +340,12 @@ class Parrot:
         assert self._batcher is not None
         await self._batcher.wait_posted(var.id, timeout)
 
-    def announce_fetch(self, var: SemanticVariable, criterion: Criterion | None) -> None:
-        """Called in the app's thread as a fetch begins, before the sender may take the batch."""
+    def announce_fetch(self, var: SemanticVariable, criterion: Criterion | None, *,
+                       wait: bool = False) -> None:
+        """Called in the app's thread as a fetch begins, before the sender may take the batch;
+        ``wait``: the fetch waits for the whole value (``fetch``), which the post can bring."""
         if criterion is not None and self._batcher is not None:
-            self._batcher.announce(var.id, criterion)
+            self._batcher.announce(var.id, criterion, wait=wait)
 
     # -- for SemanticVariable: coroutines that run on the VM loop -----------------------------
 
@@ -263,6 +353,15 @@ class Parrot:
                     timeout: float | None) -> str:
         deadline = None if timeout is None else time.monotonic() + timeout
         await self._wait_posted(var, timeout)
+        delivery = self._deliveries.get(var.id)
+        if delivery is not None:  # its post's answer brings it (never cancelled here: shared)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait({delivery}, timeout=left)
+            if not done:
+                raise ParrotTimeoutError(f"variable {var.id} was not ready within {timeout} s")
+            info = delivery.result()
+            if info is not None:
+                return value_of(info)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         assert self._client is not None
         return await self._client.wait_variable(self.session_id, var.id, criterion=criterion, timeout=left)

@@ -3,10 +3,13 @@ embedded one.
 
 A session is a ``P.Parrot`` VM opened against ``base_url``, or, without one, against the
 service this process embeds (``P.Parrot()`` starts it on first use, as the native SDK
-does), and deleted when the invocation ends, which cancels whatever it left running.
+does), and deleted when the invocation ends, which cancels whatever it left running. The
+invocation does not wait for that delete: it has its results, and the round trip would be
+one more than an OpenAI call costs.
 The VM is entered and left in a context of its own: it is not the caller's "current"
 VM, and a stream that the framework resumes or closes from another context still closes
-it cleanly. Opening retries, with backoff, while the service cannot be reached.
+it cleanly. A request that cannot connect to the service is tried again, with backoff
+(``max_retries``).
 
 Native calls run on the service's default model (the first one ``/v1/models`` lists),
 so ``model`` may only name that one; a ``model`` the service does not serve, or serves
@@ -20,18 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
-import httpx
-
 import parrot as P
 from parrot.client import ServiceClient
-from parrot.errors import ParrotError, ParrotTimeoutError
+from parrot.errors import ParrotError
 
 DEFAULT_HTTP_TIMEOUT_S = 60.0  # each HTTP request, when no timeout is set
-RETRY_BACKOFF_S = 0.25  # doubled after each failed attempt to reach the service
 # Calls are posted when a result is first awaited, which every invocation does right
 # after submitting: the window only guarantees that calls submitted together go together.
 BATCH_WINDOW_S = 1.0
@@ -50,25 +49,20 @@ class ServiceSessions:
         self._served: dict[str, list[str]] = {}  # base URL -> models served
         self._served_lock = threading.Lock()
 
-    def _new_vm(self) -> P.Parrot:
+    def _new_vm(self, retries: int | None) -> P.Parrot:
         embedded_model = self.model if self.base_url is None else None
         return P.Parrot(self.base_url, api_key=self.api_key, model=embedded_model,
-                        timeout=self.timeout or DEFAULT_HTTP_TIMEOUT_S, batch_window_s=BATCH_WINDOW_S)
+                        timeout=self.timeout or DEFAULT_HTTP_TIMEOUT_S, batch_window_s=BATCH_WINDOW_S,
+                        max_retries=self.max_retries if retries is None else retries,
+                        close_in_background=True)
 
     @contextmanager
     def session(self, model: str | None = None, *,
                 retries: int | None = None) -> Iterator[tuple[P.Parrot, str]]:
-        """An open Parrot session and the name of the model its calls run on."""
-        attempts = (self.max_retries if retries is None else retries) + 1
-        for attempt in range(attempts):
-            vm, context = self._new_vm(), contextvars.copy_context()
-            try:
-                context.run(vm.__enter__)
-                break
-            except ParrotError as exc:
-                if attempt + 1 == attempts or not _unreachable(exc):
-                    raise
-            time.sleep(RETRY_BACKOFF_S * 2 ** attempt)
+        """An open Parrot session and the name of the model its calls run on; ``retries``
+        (default ``max_retries``): tries more for each request that could not connect."""
+        vm, context = self._new_vm(retries), contextvars.copy_context()
+        context.run(vm.__enter__)
         try:
             served = self._served.get(vm.base_url or "")
             if served is None:
@@ -81,16 +75,8 @@ class ServiceSessions:
     async def asession(self, model: str | None = None, *,
                        retries: int | None = None) -> AsyncIterator[tuple[P.Parrot, str]]:
         """``session`` for async code."""
-        attempts = (self.max_retries if retries is None else retries) + 1
-        for attempt in range(attempts):
-            vm, context = self._new_vm(), contextvars.copy_context()
-            try:
-                await asyncio.create_task(vm.__aenter__(), context=context)
-                break
-            except ParrotError as exc:
-                if attempt + 1 == attempts or not _unreachable(exc):
-                    raise
-            await asyncio.sleep(RETRY_BACKOFF_S * 2 ** attempt)
+        vm, context = self._new_vm(retries), contextvars.copy_context()
+        await asyncio.create_task(vm.__aenter__(), context=context)
         try:
             served = self._served.get(vm.base_url or "")
             if served is None:
@@ -102,7 +88,7 @@ class ServiceSessions:
     async def _list_models(self, vm: P.Parrot) -> list[str]:
         """The models the service serves, asked once per service (runs on the VM's loop)."""
         client = ServiceClient(vm.base_url or "", api_key=self.api_key,
-                               timeout=self.timeout or DEFAULT_HTTP_TIMEOUT_S)
+                               timeout=self.timeout or DEFAULT_HTTP_TIMEOUT_S, max_retries=self.max_retries)
         try:
             served = await client.list_models()
         finally:
@@ -125,10 +111,3 @@ class ServiceSessions:
             raise ParrotError(f"model {requested!r} is served at {url}, but native calls run on its "
                               f"default model {served[0]!r}; use that one")
         return requested
-
-
-def _unreachable(exc: ParrotError) -> bool:
-    """Whether the service could not be reached at all (worth another try)."""
-    cause = exc.__cause__
-    return (isinstance(cause, httpx.TransportError) and not isinstance(cause, httpx.TimeoutException)
-            and not isinstance(exc, ParrotTimeoutError))

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Query, Request, Response
 
+from parrot import limits
 from parrot.schemas import (
     CallDecl,
     CallInfo,
@@ -24,6 +25,7 @@ from parrot.service.api.auth import request_tenant
 from parrot.service.api.http import sse_event, sse_response
 from parrot.service.drain import Drain
 from parrot.service.errors import FailedDependencyError
+from parrot.service.runtime.graph import Variable
 from parrot.service.runtime.sessions import SessionManager, variable_info
 
 router = APIRouter(prefix="/v1", tags=["native"])
@@ -51,10 +53,47 @@ async def delete_session(request: Request, session_id: str) -> dict:
     return {"id": session_id, "deleted": True}
 
 
-@router.post("/graphs")
-async def submit_graph(request: Request, body: GraphSubmit) -> GraphAccepted:
-    calls = _sessions(request).submit(body, request_tenant(request))
-    return GraphAccepted(session_id=body.session_id, variables=[v.id for v in body.variables], calls=calls)
+@router.post("/graphs", response_model=GraphAccepted)
+async def submit_graph(request: Request, body: GraphSubmit) -> GraphAccepted | Response:
+    sessions = _sessions(request)
+    calls = sessions.submit(body, request_tenant(request))
+    accepted = GraphAccepted(session_id=body.session_id, variables=[v.id for v in body.variables],
+                             calls=calls)
+    if not body.stream:
+        return accepted
+    session = sessions.get(body.session_id, None)
+    waited = [session.graph.variable(f.var) for f in body.fetches if f.wait]
+    return sse_response(_accepted_then_values(accepted, waited, _drain(request)))
+
+
+async def _accepted_then_values(accepted: GraphAccepted, waited: list[Variable], drain: Drain,
+                                ) -> AsyncIterator[str]:
+    """A streamed submission's answer: ``{"accepted": ...}``, then ``{"variable": ...}`` for each
+    waited variable as it settles (with its value or error), for up to ``limits.MAX_WAIT_S``;
+    one not set by then, or nothing will set while the service drains, is left out."""
+    yield sse_event({"accepted": accepted.model_dump()})
+    waits = {asyncio.ensure_future(drain.fetch(_settled(v), v)): v for v in dict.fromkeys(waited)}
+    try:
+        pending = set(waits)
+        deadline = asyncio.get_running_loop().time() + limits.MAX_WAIT_S
+        while pending:
+            left = deadline - asyncio.get_running_loop().time()
+            done, pending = await asyncio.wait(pending, timeout=max(0.0, left),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                return
+            for task in done:
+                var = waits[task]
+                if not task.cancelled() and task.exception() is None and var.settled.is_set():
+                    yield sse_event({"variable": variable_info(var).model_dump()})
+    finally:
+        for task in waits:
+            task.cancel()
+
+
+async def _settled(var: Variable) -> Variable:
+    await var.settled.wait()
+    return var
 
 
 @router.post("/sessions/{session_id}/calls")

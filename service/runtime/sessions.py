@@ -55,11 +55,16 @@ class SessionManager:
         self.observer = executor.dispatcher.observer
 
     # ---- lifecycle ------------------------------------------------------------------
-    def create(self, idle_timeout_s: float | None = None, tenant: Tenant | None = None) -> Session:
-        """A new session owned by ``tenant`` (429 over its max_sessions or tokens_per_minute)."""
+    def create(self, idle_timeout_s: float | None = None, tenant: Tenant | None = None,
+               session_id: str | None = None) -> Session:
+        """A new session owned by ``tenant`` (429 over its max_sessions or tokens_per_minute),
+        with ``session_id`` if the client chose one (409 if that id is in use)."""
+        if session_id is not None and session_id in self.sessions:
+            raise ConflictError(f"session id {session_id!r} is in use; choose another", param="session_id")
         if tenant is not None:
             tenant.check_session()
-        session = Session(uuid.uuid4().hex, idle_timeout_s or self.default_idle_timeout_s, tenant)
+        session = Session(session_id or uuid.uuid4().hex, idle_timeout_s or self.default_idle_timeout_s,
+                          tenant)
         self.sessions[session.id] = session
         session.tenant.open_sessions += 1
         if self.observer is not None:
@@ -109,7 +114,18 @@ class SessionManager:
 
     # ---- graph operations ------------------------------------------------------------
     def submit(self, graph: GraphSubmit, tenant: Tenant | None = None) -> list[str]:
-        session = self.get(graph.session_id, tenant)
+        """Add ``graph`` to its session (opened by it, with ``open_session``: a refused graph
+        leaves no session behind) and start what can run; the new calls' ids."""
+        if graph.open_session is None:
+            return self._submit(graph, self.get(graph.session_id, tenant))
+        session = self.create(graph.open_session.idle_timeout_s, tenant, graph.session_id)
+        try:
+            return self._submit(graph, session)
+        except BaseException:
+            self.delete(session.id)
+            raise
+
+    def _submit(self, graph: GraphSubmit, session: Session) -> list[str]:
         owner = session.tenant
         llm = [d for d in graph.calls if d.kind == "llm"]
         for decl in llm:  # per-call limits, before anything is added

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,28 @@ class Service:
         """Requests since ``start_recording``."""
         return [r for r in self.recorder.log[self.mark:]
                 if (method is None or r.method == method) and r.path.startswith(path_prefix)]
+
+    def wait_sessions_closed(self, timeout_s: float = 20.0) -> bool:
+        """Whether every session a graph opened since ``start_recording`` was deleted, waiting up
+        to ``timeout_s`` (the integrations delete theirs without waiting for the answer)."""
+        live = self.recorder.app.state.sessions.sessions
+        deadline = time.monotonic() + timeout_s
+        while True:
+            opened = {r.body["session_id"] for r in self.requests("POST", "/v1/graphs")
+                      if (r.body or {}).get("open_session") is not None}
+            deleted = {r.path.rsplit("/", 1)[-1] for r in self.requests("DELETE", "/v1/sessions/")}
+            if opened <= deleted and not opened & set(live):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+
+    def sessions_opened(self) -> int:
+        """Sessions opened since ``start_recording``: by ``POST /v1/sessions``, or by the graph
+        posted first (``open_session``), as the SDK does."""
+        graphs = self.requests("POST", "/v1/graphs")
+        by_graph = [r for r in graphs if (r.body or {}).get("open_session") is not None]
+        return len(self.requests("POST", "/v1/sessions")) + len(by_graph)
 
 
 @pytest.fixture(scope="session")

@@ -251,10 +251,14 @@ def test_a_vm_must_be_entered():
         vm.variable("x")
 
 
-def test_unreachable_service_fails_on_enter():
-    with pytest.raises(P.ParrotError, match="cannot reach"):
-        with P.Parrot("http://127.0.0.1:9", timeout=2):
-            pass
+def test_unreachable_service_fails_the_first_request_clearly():
+    # Entering sends nothing (the first graph posted opens the session), so nothing fails there.
+    with P.Parrot("http://127.0.0.1:9", timeout=2) as vm:
+        x = vm.variable("x")
+        with pytest.raises(P.ParrotError, match="cannot reach the Parrot service at http://127.0.0.1:9"):
+            x.get()
+        with pytest.raises(P.ParrotError, match="cannot reach"):
+            vm.graph()
 
 
 # -- the HTTP client's error translation ----------------------------------------------------------

@@ -30,6 +30,7 @@ import requests
 import schemathesis
 from schemathesis.config import SchemathesisConfig
 
+from parrot import limits
 from parrot.service.app import create_app
 from parrot.service.engine.builtin.engine import BuiltinEngine, BuiltinEngineConfig
 from tests.conftest import make_tiny_model, serve_in_thread
@@ -58,8 +59,11 @@ def fuzz_server(tokenizer: Any) -> Iterator[str]:
     hf = make_tiny_model(len(tokenizer))
     engine = BuiltinEngine(BuiltinEngineConfig(device="cpu", kv_cache_gib=0.05), hf_model=hf,
                            tokenizer=tokenizer, model_name="tiny-llama")
-    # A request without max_tokens would otherwise generate up to 1024 tokens: minutes per run.
-    with serve_in_thread(create_app(engine, default_max_tokens=MAX_FUZZ_TOKENS)) as url:
+    # A request without max_tokens would otherwise generate up to 1024 tokens: minutes per run;
+    # a streamed graph submission waits for its fetches' values as long as a long-poll may.
+    with pytest.MonkeyPatch.context() as patch, \
+            serve_in_thread(create_app(engine, default_max_tokens=MAX_FUZZ_TOKENS)) as url:
+        patch.setattr(limits, "MAX_WAIT_S", MAX_POLL_S)
         yield url
 
 
@@ -100,6 +104,18 @@ def _cap_tokens(value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as the server would read a number from a query string, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
 def _open_session(http: httpx.Client) -> str:
     """A session holding a set variable ``doc``, a call ``c0`` and its (soon set) output ``out``,
     so that fuzzed requests also reach the code behind a session that exists."""
@@ -126,8 +142,8 @@ def _prepare(case: Any, http: httpx.Client, closed_url: str) -> str | None:
         if isinstance(case.body.get("url"), str):
             case.body["url"] = closed_url
     if isinstance(case.query, dict):
-        timeout = case.query.get("timeout")
-        if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > MAX_POLL_S:
+        timeout = _number(case.query.get("timeout"))
+        if timeout is not None and timeout > MAX_POLL_S:
             case.query["timeout"] = MAX_POLL_S
     # One case in three stays as generated (ids that do not exist); the others target a live
     # session, half of them with ids that exist in it.
@@ -191,9 +207,13 @@ def test_api_answers_every_input_without_5xx_or_hang(case: Any, fuzz_server: str
             FINDINGS.append(f"{status} without error.message: {_describe(case, response)}")
         assert isinstance(message, str) and message, \
             f"a {status} without error.message: {_describe(case, response)}"
-    # A session the case created is deleted, so the run does not accumulate them.
+    # A session the case created is deleted, so the run does not accumulate them (and a later
+    # case's long-poll finds no variable of it that nothing will set).
     if status == 200 and case.operation.path == "/v1/sessions" and case.method.upper() == "POST":
         control.delete(f"/v1/sessions/{response.json()['id']}")
+    if (status == 200 and case.operation.path == "/v1/graphs" and isinstance(case.body, dict)
+            and case.body.get("open_session") is not None):
+        control.delete(f"/v1/sessions/{case.body['session_id']}")
 
 
 def test_server_still_serves_after_fuzz(fuzz_server: str) -> None:

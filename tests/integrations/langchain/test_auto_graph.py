@@ -30,9 +30,7 @@ def two_steps(llm):
 
 
 def sessions_closed(service) -> bool:
-    opened = len(service.requests("POST", "/v1/sessions"))
-    closed = len([r for r in service.requests("DELETE") if r.path.startswith("/v1/sessions/")])
-    return opened == closed
+    return service.wait_sessions_closed()
 
 
 def test_a_chain_sends_its_calls_ahead_with_edges(service, models):

@@ -98,9 +98,9 @@ def test_invoke_is_one_chat_call_in_its_own_session(service):
     sampling = call["output"]["sampling"]
     assert (sampling["max_tokens"], sampling["top_k"], sampling["seed"]) == (12, 5, 7)
     assert sampling["stop"] == ["zz"]
-    sessions = service.requests("POST", "/v1/sessions")
+    assert service.wait_sessions_closed()
     deleted = service.requests("DELETE", "/v1/sessions/")
-    assert len(sessions) == 1 and len(deleted) == 1 and graph["session_id"] in deleted[0].path
+    assert service.sessions_opened() == 1 and len(deleted) == 1 and graph["session_id"] in deleted[0].path
 
 
 def test_greedy_reply_equals_chat_openai_on_the_openai_route_token_for_token(service):
@@ -141,7 +141,7 @@ def test_batch_is_one_graph_in_one_session_and_keeps_each_inputs_callbacks(servi
     assert [r.content for r in replies] == expected
     [graph] = graphs(service)
     assert len(graph["calls"]) == 4
-    assert len(service.requests("POST", "/v1/sessions")) == 1
+    assert service.sessions_opened() == 1
     assert sorted(s["input"] for s in handler.starts) == [0, 1, 2, 3]  # one run per input, its own config
     assert sorted(handler.ends) == sorted(expected) and not handler.errors
     assert all(r.usage_metadata["output_tokens"] == 12 for r in replies)

@@ -87,19 +87,13 @@ def posts(service) -> list[tuple[str, int]]:
             if r.body["calls"]]
 
 
-def live_sessions(service) -> int:
-    return len(service.recorder.app.state.sessions.sessions)
-
-
-def wait_until_closed(service, sessions_before: int) -> None:
+def wait_until_closed(service) -> None:
     """The graph's sessions are all deleted (a node that failed may leave others still running)."""
+    assert service.wait_sessions_closed(), "a step session was left open"
     deadline = time.monotonic() + 20
-    while live_sessions(service) != sessions_before or live_steps():
-        assert time.monotonic() < deadline, "a step session was left open"
+    while live_steps():
+        assert time.monotonic() < deadline, "a step was left open"
         time.sleep(0.05)
-    created = service.requests("POST", "/v1/sessions")
-    deleted = service.requests("DELETE", "/v1/sessions/")
-    assert len(created) == len(deleted)
 
 
 def check_map_then_reduce(service, result: dict, expected: tuple[list[str], str]) -> None:
@@ -107,25 +101,23 @@ def check_map_then_reduce(service, result: dict, expected: tuple[list[str], str]
     [(map_session, map_calls), (reduce_session, reduce_calls)] = posts(service)
     assert (map_calls, reduce_calls) == (len(TOPICS), 1)  # the fan-out went out as one graph
     assert map_session != reduce_session  # one session per step
-    assert len(service.requests("POST", "/v1/sessions")) == 2
+    assert service.sessions_opened() == 2
 
 
 def test_a_send_fan_out_is_one_graph_in_one_session(service, llm):
     expected = per_call(llm)
-    sessions_before = live_sessions(service)
     service.start_recording()
     result = map_reduce(llm).invoke({"topics": TOPICS, "notes": []})
     check_map_then_reduce(service, result, expected)
-    wait_until_closed(service, sessions_before)
+    wait_until_closed(service)
 
 
 async def test_an_async_send_fan_out_is_one_graph_in_one_session(service, llm):
     expected = per_call(llm)
-    sessions_before = live_sessions(service)
     service.start_recording()
     result = await map_reduce(llm).ainvoke({"topics": TOPICS, "notes": []})
     check_map_then_reduce(service, result, expected)
-    wait_until_closed(service, sessions_before)
+    wait_until_closed(service)
 
 
 def test_steps_of_two_runs_never_share_a_session(service, llm):
@@ -141,15 +133,14 @@ def test_a_plain_invoke_outside_langgraph_is_unchanged(service, llm):
     started = time.monotonic()
     llm.invoke("Hi")
     assert time.monotonic() - started < 5
-    assert len(service.requests("POST", "/v1/sessions")) == 1 and live_steps() == 0
+    assert service.sessions_opened() == 1 and live_steps() == 0
 
 
 def test_a_node_that_fails_is_reported_and_its_step_session_closed(service, llm):
-    sessions_before = live_sessions(service)
     service.start_recording()
     with pytest.raises(ValueError, match="no note about tides"):
         map_reduce(llm, fail_on="tides").invoke({"topics": TOPICS, "notes": []})
-    wait_until_closed(service, sessions_before)
+    wait_until_closed(service)
     [(_, map_calls)] = posts(service)
     assert map_calls == len(TOPICS)
 
@@ -158,14 +149,13 @@ def test_a_node_that_fails_is_reported_and_its_step_session_closed(service, llm)
 async def test_a_call_that_times_out_is_reported_and_its_step_session_closed(service, llm, run):
     slow = ChatParrot(base_url=service.url, max_tokens=2000, timeout=0.5)
     graph = map_reduce(llm, slow=slow)
-    sessions_before = live_sessions(service)
     service.start_recording()
     with pytest.raises(P.ParrotTimeoutError):
         if run == "invoke":
             graph.invoke({"topics": TOPICS, "notes": []})
         else:
             await graph.ainvoke({"topics": TOPICS, "notes": []})
-    wait_until_closed(service, sessions_before)
+    wait_until_closed(service)
     [(_, map_calls)] = posts(service)
     assert map_calls == len(TOPICS)  # the slow model's call went with the others
 

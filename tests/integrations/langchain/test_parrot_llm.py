@@ -31,7 +31,7 @@ def test_batch_is_one_graph_of_template_calls_equal_to_the_completions_route(ser
     [graph] = [r.body for r in service.requests("POST", "/v1/graphs")]
     assert [c["segments"][0] for c in graph["calls"]] == [{"type": "text", "text": p} for p in PROMPTS]
     assert all(c["segments"][1]["type"] == "output" for c in graph["calls"])
-    assert len(service.requests("POST", "/v1/sessions")) == 1
+    assert service.sessions_opened() == 1
     client = OpenAI(base_url=f"{service.url}/v1", api_key="none", max_retries=0)
     reference = client.completions.create(model=service.model, prompt=PROMPTS, max_tokens=10, temperature=0)
     assert texts == [c.text for c in sorted(reference.choices, key=lambda c: c.index)]

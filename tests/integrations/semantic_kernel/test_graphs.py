@@ -121,8 +121,7 @@ async def test_without_graphs_nothing_changes_and_sessions_close(service):
     assert enable_graphs(graphed) is graphed and len(graphed.function_invocation_filters) == 1
     service.start_recording()
     await combine(graphed)
-    opened = len(service.requests("POST", "/v1/sessions"))
-    assert opened == 1 and len(service.requests("DELETE", "/v1/sessions")) == opened
+    assert service.sessions_opened() == 1 and service.wait_sessions_closed()
 
 
 def test_a_reply_at_the_edge_of_stripped_text_is_stripped_there_too():

@@ -308,3 +308,100 @@ def test_a_stream_client_that_leaves_drops_its_subscription(tiny_engine_factory,
         while var.subscribers and time.monotonic() < deadline:
             time.sleep(0.05)
         assert var.subscribers == []
+
+
+# -- fewer round trips: a graph that opens its session, an answer that streams the values --------
+
+def sse_payloads(body: str) -> list[dict]:
+    return [json.loads(line[5:]) for line in body.splitlines() if line.startswith("data:")]
+
+
+def test_a_graph_opens_the_session_it_names_and_a_refused_one_leaves_none(server):
+    with server.http() as http:
+        sid = uid("client-chosen")
+        graph = {"session_id": sid, "open_session": {"idle_timeout_s": 60}, "variables": [{"id": "v"}],
+                 "calls": [{"id": "c", "segments": [text("Hi:"), out("v", 4)]}]}
+        assert http.post("/v1/graphs", json=graph).status_code == 200
+        assert http.get(f"/v1/sessions/{sid}/variables/v", params={"timeout": 30}).json()["ready"]
+        again = http.post("/v1/graphs", json={**graph, "calls": []})
+        assert again.status_code == 409 and "in use" in again.json()["error"]["message"]
+        assert http.delete(f"/v1/sessions/{sid}").status_code == 200
+        # A graph that is refused (an input nobody declared) opens nothing.
+        refused = {"session_id": uid("refused"), "open_session": {},
+                   "calls": [{"id": "c", "segments": [inp("nope"), out("w", 4)]}], "variables": [{"id": "w"}]}
+        r = http.post("/v1/graphs", json=refused)
+        assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+        assert http.get(f"/v1/sessions/{refused['session_id']}/graph").status_code == 404
+        assert http.post("/v1/graphs", json={"session_id": "bad id!", "open_session": {}}).status_code == 400
+
+
+def test_a_streamed_answer_brings_the_waited_values_and_errors(native):
+    too_long = "word " * 3000  # beyond the tiny model's context: its call fails
+    r = native.http.post("/v1/graphs", json={
+        "session_id": native.sid, "stream": True,
+        "variables": [{"id": "a"}, {"id": "b"}, {"id": "big", "value": too_long}, {"id": "bad"}],
+        "calls": [{"id": "ca", "segments": [text("A:"), out("a", 4)]},
+                  {"id": "cb", "segments": [inp("a"), text(" B:"), out("b", 6)]},
+                  {"id": "cbad", "segments": [inp("big"), out("bad", 4)]}],
+        "fetches": [{"var": "b", "criterion": "latency", "wait": True},
+                    {"var": "bad", "criterion": "latency", "wait": True},
+                    {"var": "a", "criterion": "latency"}]})  # announced, not waited for
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_payloads(r.text)
+    assert events[0] == {"accepted": {"session_id": native.sid, "variables": ["a", "b", "big", "bad"],
+                                      "calls": ["ca", "cb", "cbad"]}}
+    values = {e["variable"]["id"]: e["variable"] for e in events[1:]}
+    assert set(values) == {"b", "bad"} and len(events) == 3
+    assert values["b"]["ready"] and values["b"]["value"] == native.get("b")["value"]
+    assert not values["bad"]["ready"] and "context length" in values["bad"]["error"]
+    # A wait needs the stream that carries it; a refused graph is a plain JSON error.
+    r = native.http.post("/v1/graphs", json={"session_id": native.sid, "variables": [{"id": "x"}],
+                                             "fetches": [{"var": "x", "criterion": "latency", "wait": True}]})
+    assert r.status_code == 400 and "stream=true" in r.json()["error"]["message"]
+    r = native.http.post("/v1/graphs", json={"session_id": native.sid, "stream": True,
+                                             "calls": [{"id": "c", "segments": [inp("nope"), out("y", 4)]}]})
+    assert r.status_code == 404 and r.headers["content-type"].startswith("application/json")
+
+
+def test_an_sdk_session_that_submits_and_gets_costs_one_request_and_its_delete(server, metric):
+    import parrot as P
+
+    def requests() -> dict[tuple[str, str], float]:
+        page = httpx.get(f"{server.base_url}/metrics").text
+        routes = [("POST", "/v1/sessions"), ("POST", "/v1/graphs"), ("DELETE", "/v1/sessions/{session_id}"),
+                  ("GET", "/v1/sessions/{session_id}/variables/{var_id}")]
+        return {r: metric(page, "parrot_http_requests_total", method=r[0], route=r[1]) for r in routes}
+
+    write = P.SemanticFunction.from_template("Write about {{input:topic}}:{{output:text}}", name="write",
+                                             inputs=["topic"], outputs={"text": P.Output(max_tokens=6)})
+    summarize = P.SemanticFunction.from_template("Text:{{input:text}} Summary:{{output:summary}}", name="sum",
+                                                 inputs=["text"], outputs={"summary": P.Output(max_tokens=4)})
+    before = requests()
+    with P.Parrot(server.base_url) as vm:
+        summary = summarize(write("parrots"))
+        value = summary.get()
+        assert summary.get() == value  # a second get of the same value: no new request either
+        sid = vm.session_id
+    after = requests()
+    assert {r: after[r] - before[r] for r in after} == {
+        ("POST", "/v1/sessions"): 0, ("POST", "/v1/graphs"): 1, ("DELETE", "/v1/sessions/{session_id}"): 1,
+        ("GET", "/v1/sessions/{session_id}/variables/{var_id}"): 0}
+    assert httpx.get(f"{server.base_url}/v1/sessions/{sid}/graph").status_code == 404  # deleted on exit
+    with P.Parrot(server.base_url) as vm:  # a session that sends nothing costs nothing
+        pass
+    assert requests() == after
+
+
+def test_a_value_the_streamed_answer_did_not_bring_is_polled(server, metric, monkeypatch):
+    import parrot as P
+    from parrot import limits
+
+    monkeypatch.setattr(limits, "MAX_WAIT_S", 0.05)  # the answer ends long before the value is set
+    polls = lambda: metric(httpx.get(f"{server.base_url}/metrics").text, "parrot_http_requests_total",  # noqa: E731
+                           method="GET", route="/v1/sessions/{session_id}/variables/{var_id}")
+    before = polls()
+    story = P.SemanticFunction.from_template("Once upon a time{{output:text}}", name="story",
+                                             outputs={"text": P.Output(max_tokens=200, ignore_eos=True)})
+    with P.Parrot(server.base_url):
+        text = story().get()
+    assert len(text) > 0 and polls() > before
