@@ -61,7 +61,7 @@ def instructions_for(sentences: int) -> str:
 async def parrot_job(url: str, chunks: list[str], map_tokens: int, reduce_tokens: int,
                      perf=P.THROUGHPUT, instructions: str = "") -> str:
     mapper = _mapper(map_tokens)
-    async with P.Parrot(url):
+    async with P.Parrot(url, close_in_background=True):  # done with the answer in hand, like the other way
         parts = [mapper(c) for c in chunks]
         final = reduce_function(len(chunks), reduce_tokens, instructions)(*parts)
         return await final.aget(perf=perf)

@@ -82,7 +82,7 @@ async def parrot_run(url: str, args) -> tuple[float, list[float]]:
         outputs={"a": P.Output(max_tokens=args.chat_tokens, ignore_eos=True)})
 
     async def turn(question: str) -> str:
-        async with P.Parrot(url):
+        async with P.Parrot(url, close_in_background=True):  # the turn is over once the answer is in
             return await chat(question).aget(perf=P.LATENCY)
 
     async def job(chunks: list[str]) -> str:

@@ -85,9 +85,11 @@ class ServiceClient:
     async def submit_graph(self, graph: GraphSubmit) -> GraphAccepted:
         return await self._request("POST", "/v1/graphs", GraphAccepted, json=_dump(graph))
 
-    async def stream_graph(self, graph: GraphSubmit) -> AsyncIterator[GraphAccepted | VariableInfo]:
+    async def stream_graph(self, graph: GraphSubmit,
+                           ) -> AsyncIterator[GraphAccepted | VariableInfo | CallInfo]:
         """Submit ``graph`` (``stream=True``) and read its answer: the ``GraphAccepted`` first,
-        then each waited variable as it settles; the stream may end with some never sent."""
+        then each waited variable as it settles, each after its producer's ``CallInfo`` if it
+        has one; the stream may end with some never sent."""
         no_read_limit = httpx.Timeout(self.timeout, read=None, pool=None)  # values take their time
         try:
             async with self._stream("POST", "/v1/graphs", json=_dump(graph), timeout=no_read_limit) as resp:
@@ -99,6 +101,8 @@ class ServiceClient:
                         if "accepted" in event:
                             yield GraphAccepted.model_validate(event["accepted"])
                         elif "variable" in event:
+                            if event.get("call") is not None:
+                                yield CallInfo.model_validate(event["call"])
                             yield VariableInfo.model_validate(event["variable"])
                     except ValidationError as exc:
                         raise ParrotError(f"POST /v1/graphs: unexpected answer from the service: {exc}",

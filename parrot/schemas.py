@@ -7,7 +7,8 @@ HTTP routes (JSON; errors are ``{"error": {"message", "type", "param", "code"}}`
     POST   /v1/graphs                  GraphSubmit        -> GraphAccepted
            (``fetches`` announce the criteria the app will fetch with, before calls run;
            ``open_session`` opens ``session_id`` with it; ``stream``: SSE {"accepted": ...},
-           then {"variable": VariableInfo} for each fetch with ``wait`` as it settles)
+           then {"variable": VariableInfo, "call": CallInfo} for each fetch with ``wait``
+           as it settles, ``call`` being its producer, if any)
     POST   /v1/sessions/{sid}/calls    CallDecl           -> CallInfo  (one call; creates its outputs)
     GET    /v1/sessions/{sid}/calls/{cid}                 -> CallInfo
     POST   /v1/sessions/{sid}/variables  VariableCreate   -> VariableInfo
@@ -232,7 +233,8 @@ class GraphSubmit(_Strict):
     Each of these saves the app a round trip to the service: ``open_session`` opens the
     session ``session_id`` (an id the client chose, not in use) with this submission, and
     ``stream`` answers with an event stream: the ``GraphAccepted`` first, then each waited
-    fetch's variable (``VariableInfo``) as it settles, for up to ``limits.MAX_WAIT_S``."""
+    fetch's variable (``VariableInfo``, with its producer's ``CallInfo``) as it settles, for
+    up to ``limits.MAX_WAIT_S``."""
 
     session_id: VarId
     variables: list[VariableDecl] = Field(default_factory=list, max_length=limits.MAX_VARIABLES_PER_GRAPH)

@@ -75,6 +75,13 @@ class SemanticVariable:
         self._value = await vm.run_async(vm.fetch(self, _criterion(perf), timeout))
         return self._value
 
+    def will_get(self, perf: Criterion | str | None = Criterion.LATENCY) -> None:
+        """Say that ``get(perf)`` will follow, before it does: the graph post that sends this
+        value's call then brings the value back, so an app that gets several values one after
+        another makes no request per value. Does nothing once that post has gone."""
+        if self._vm is not None and perf is not None:
+            self._vm.announce_fetch(self, _criterion(perf), wait=True)
+
     def stream(self, perf: Criterion | str | None = Criterion.TTFT) -> Iterator[str]:
         """Yield the value's text as it is generated; the deltas join to ``get()``'s value."""
         vm = self._home("stream")

@@ -45,6 +45,7 @@ from parrot.errors import ParrotError, ParrotTimeoutError
 from parrot.loop_thread import LoopLease, LoopStoppedError, shared_loop
 from parrot.schemas import (
     CallDecl,
+    CallInfo,
     Criterion,
     FetchDecl,
     GraphAccepted,
@@ -119,6 +120,7 @@ class Parrot:
         # Per variable fetched through a streamed post: its info once the post's answer
         # carried it, or None if the answer ended without it (then it is polled).
         self._deliveries: dict[str, asyncio.Future[VariableInfo | None]] = {}
+        self._delivered_calls: dict[str, CallInfo] = {}  # the producers of delivered values
         self._tasks: set[asyncio.Task] = set()  # sender and native calls, on the loop
         self._tokens: list[Token] = []
 
@@ -229,6 +231,8 @@ class Parrot:
                 if isinstance(item, GraphAccepted):
                     if not accepted.done():
                         accepted.set_result(None)
+                elif isinstance(item, CallInfo):
+                    self._delivered_calls[item.id] = item  # it comes before its value
                 elif item.id in waits and not waits[item.id].done():
                     waits[item.id].set_result(item)
         except ParrotError as exc:
@@ -330,6 +334,11 @@ class Parrot:
             self._batcher.add([], [])  # nothing posted yet: an empty graph opens the session
         await self._batcher.flush()
         return await self._client.get_graph(self.session_id)
+
+    def delivered_call(self, call_id: str) -> CallInfo | None:
+        """The service's info on call ``call_id`` as it was when a value it produced came with
+        a streamed post's answer (token counts and finish reason included); None if none did."""
+        return self._delivered_calls.get(call_id)
 
     def _check_open(self) -> None:
         if self._state != "open":

@@ -76,27 +76,31 @@ def submit(vm: P.Parrot, calls: Sequence[PreparedCall]) -> None:
 
 
 class CallInfos:
-    """The service's info on a session's calls, fetched as one graph and refreshed only when a
-    call that has its value is not complete in the last copy (thread-safe)."""
+    """The service's info on a session's calls: what came with their values, else fetched as
+    one graph and refreshed only when a call that has its value is not complete in the last
+    copy (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._infos: dict[str, CallInfo] = {}
 
     def get(self, vm: P.Parrot, call_id: str) -> CallInfo:
-        info = self._known(call_id)
+        info = self._known(vm, call_id)
         return info if info is not None else self._update(vm.graph(), call_id)
 
     async def aget(self, vm: P.Parrot, call_id: str) -> CallInfo:
-        info = self._known(call_id)
+        info = self._known(vm, call_id)
         return info if info is not None else self._update(await vm.agraph(), call_id)
 
-    def _known(self, call_id: str) -> CallInfo | None:
+    def _known(self, vm: P.Parrot, call_id: str) -> CallInfo | None:
         with self._lock:
             info = self._infos.get(call_id)
         # The service sets a call's counts before its output, so a complete info never changes.
-        complete = info is not None and (info.finish_reason is not None or info.state in _TERMINAL)
-        return info if complete else None
+        for candidate in (info, vm.delivered_call(call_id)):
+            if candidate is not None and (candidate.finish_reason is not None
+                                          or candidate.state in _TERMINAL):
+                return candidate
+        return None
 
     def _update(self, graph: GraphInfo, call_id: str) -> CallInfo:
         with self._lock:
@@ -120,6 +124,8 @@ def wait(vm: P.Parrot, calls: Sequence[PreparedCall], *, perf: Criterion, timeou
     """
     infos = infos or CallInfos()
     deadline = None if timeout is None else time.monotonic() + timeout
+    for call in calls:  # all before the first get: the post that sends them brings every value
+        call.outputs[-1].will_get(perf)
     results: list[CallOutcome | ParrotError] = []
     for call in calls:
         try:
@@ -135,6 +141,8 @@ async def await_all(vm: P.Parrot, calls: Sequence[PreparedCall], *, perf: Criter
                     infos: CallInfos | None = None) -> list[CallOutcome | ParrotError]:
     """``wait`` for async code: the calls are awaited together."""
     infos = infos or CallInfos()
+    for call in calls:
+        call.outputs[-1].will_get(perf)
 
     async def one(call: PreparedCall) -> CallOutcome | ParrotError:
         try:

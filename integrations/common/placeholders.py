@@ -82,7 +82,10 @@ class Placeholders:
 
     def values_for(self, texts: Iterable[str]) -> dict[str, str]:
         """The real values of the placeholders in ``texts`` (waits for their calls)."""
-        return {vid: var.get(perf=self.criterion) for vid, var in self.wanted(texts).items()}
+        wanted = self.wanted(texts)
+        for var in wanted.values():  # all before the first get: one post may bring every value
+            var.will_get(self.criterion)
+        return {vid: var.get(perf=self.criterion) for vid, var in wanted.items()}
 
     async def avalues_for(self, texts: Iterable[str]) -> dict[str, str]:
         wanted = self.wanted(texts)

@@ -187,6 +187,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
         with step_session(self, request.model) as (vm, model_name, gathered):  # a LangGraph step's or its own
             call = request.prepare()
             submit(vm, [call])
+            call.outputs[-1].will_get(P.LATENCY)  # before the step's post goes: it brings the reply
             gathered()
             yield from chunks(stream(vm, call), model_name)
 
@@ -218,6 +219,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
         async with astep_session(self, request.model) as (vm, model_name, gathered):
             call = request.prepare()
             submit(vm, [call])
+            call.outputs[-1].will_get(P.LATENCY)
             await gathered()
             async for chunk in achunks(astream(vm, call), model_name):
                 yield chunk
@@ -267,6 +269,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
         with step_session(self, request.model) as (vm, model_name, gathered):  # a LangGraph step's or its own
             call = request.prepare()
             submit(vm, [call])
+            call.outputs[-1].will_get(P.LATENCY)  # before the step's post goes: it brings the reply
             gathered()
             [result] = wait(vm, [call], perf=P.LATENCY, timeout=self.timeout)
             return model_name, _ok(result)
@@ -281,6 +284,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
         async with astep_session(self, request.model) as (vm, model_name, gathered):
             call = request.prepare()
             submit(vm, [call])
+            call.outputs[-1].will_get(P.LATENCY)
             await gathered()
             [result] = await await_all(vm, [call], perf=P.LATENCY, timeout=self.timeout)
             return model_name, _ok(result)
@@ -303,6 +307,8 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
                 else:
                     calls = [(r.key, r.prepare()) for r in requests]
                     submit(vm, [c for _, c in calls])
+                    for _, call in calls:  # the invocations' waits: the one post brings every reply
+                        call.outputs[-1].will_get(P.THROUGHPUT)
                     stack.enter_context(batching.sharing(self, vm, model_name, calls))
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 
@@ -321,6 +327,8 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
                 else:
                     calls = [(r.key, r.prepare()) for r in requests]
                     submit(vm, [c for _, c in calls])
+                    for _, call in calls:  # the invocations' waits: the one post brings every reply
+                        call.outputs[-1].will_get(P.THROUGHPUT)
                     stack.enter_context(batching.sharing(self, vm, model_name, calls))
             return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 

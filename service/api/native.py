@@ -26,7 +26,7 @@ from parrot.service.api.http import sse_event, sse_response
 from parrot.service.drain import Drain
 from parrot.service.errors import FailedDependencyError
 from parrot.service.runtime.graph import Variable
-from parrot.service.runtime.sessions import SessionManager, variable_info
+from parrot.service.runtime.sessions import SessionManager, call_info_of, variable_info
 
 router = APIRouter(prefix="/v1", tags=["native"])
 
@@ -68,9 +68,10 @@ async def submit_graph(request: Request, body: GraphSubmit) -> GraphAccepted | R
 
 async def _accepted_then_values(accepted: GraphAccepted, waited: list[Variable], drain: Drain,
                                 ) -> AsyncIterator[str]:
-    """A streamed submission's answer: ``{"accepted": ...}``, then ``{"variable": ...}`` for each
-    waited variable as it settles (with its value or error), for up to ``limits.MAX_WAIT_S``;
-    one not set by then, or nothing will set while the service drains, is left out."""
+    """A streamed submission's answer: ``{"accepted": ...}``, then ``{"variable": ..., "call": ...}``
+    for each waited variable as it settles (with its value or error, and its producer's
+    ``CallInfo``: token counts, finish reason), for up to ``limits.MAX_WAIT_S``; one not set
+    by then, or nothing will set while the service drains, is left out."""
     yield sse_event({"accepted": accepted.model_dump()})
     waits = {asyncio.ensure_future(drain.fetch(_settled(v), v)): v for v in dict.fromkeys(waited)}
     try:
@@ -85,7 +86,10 @@ async def _accepted_then_values(accepted: GraphAccepted, waited: list[Variable],
             for task in done:
                 var = waits[task]
                 if not task.cancelled() and task.exception() is None and var.settled.is_set():
-                    yield sse_event({"variable": variable_info(var).model_dump()})
+                    event: dict = {"variable": variable_info(var).model_dump()}
+                    if var.producer is not None:
+                        event["call"] = call_info_of(var.producer).model_dump()
+                    yield sse_event(event)
     finally:
         for task in waits:
             task.cancel()

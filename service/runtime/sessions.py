@@ -195,16 +195,17 @@ class SessionManager:
         call = session.graph.calls.get(call_id)
         if call is None:
             raise NotFoundError(f"call {call_id!r} not found in this session", param="call_id")
-        return _call_info(call)
+        return call_info_of(call)
 
     def graph_info(self, session: Session) -> GraphInfo:
         graph = session.graph
         edges = [EdgeInfo(source=p.id, target=c.id, var=v.id) for p, c, v in graph.edges()]
-        return GraphInfo(session_id=session.id, calls=[_call_info(c) for c in graph.calls.values()],
+        return GraphInfo(session_id=session.id, calls=[call_info_of(c) for c in graph.calls.values()],
                          variables=[variable_info(v) for v in graph.variables.values()], edges=edges)
 
 
-def _call_info(c: Call) -> CallInfo:
+def call_info_of(c: Call) -> CallInfo:
+    """What the API shows of a call (``CallInfo``)."""
     return CallInfo(
         id=c.id, name=c.name, kind=c.kind, state=c.state,
         inputs=[v.id for v in c.inputs], outputs=[v.id for v in c.outputs],

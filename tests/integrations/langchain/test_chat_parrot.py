@@ -142,6 +142,7 @@ def test_batch_is_one_graph_in_one_session_and_keeps_each_inputs_callbacks(servi
     [graph] = graphs(service)
     assert len(graph["calls"]) == 4
     assert service.sessions_opened() == 1
+    assert not service.requests("GET", "/v1/sessions/")  # the post brought every reply and its counts
     assert sorted(s["input"] for s in handler.starts) == [0, 1, 2, 3]  # one run per input, its own config
     assert sorted(handler.ends) == sorted(expected) and not handler.errors
     assert all(r.usage_metadata["output_tokens"] == 12 for r in replies)

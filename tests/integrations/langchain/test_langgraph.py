@@ -102,6 +102,7 @@ def check_map_then_reduce(service, result: dict, expected: tuple[list[str], str]
     assert (map_calls, reduce_calls) == (len(TOPICS), 1)  # the fan-out went out as one graph
     assert map_session != reduce_session  # one session per step
     assert service.sessions_opened() == 2
+    assert not service.requests("GET", "/v1/sessions/")  # each post brought its step's replies and counts
 
 
 def test_a_send_fan_out_is_one_graph_in_one_session(service, llm):
