@@ -205,6 +205,32 @@ def measure_systems(systems: Sequence[System], repeats: int = REPEATS, rtt_ms: f
             for name, measured in runs.items()]
 
 
+def measure_same_app(systems: Sequence[System], args: Any, outputs: set) -> list[Row]:
+    """``measure_systems`` for systems that run one app with different clients, each adding what
+    the app wrote to ``outputs``: says whether they all wrote the same."""
+    rows = measure_systems(systems, args.repeats, args.rtt_ms)
+    print(f"identical outputs: {'yes' if len(outputs) == 1 else 'no'}")
+    return rows
+
+
+def with_model(make_model: Callable[[str], Any], run_app: Callable[[Any], Any], outputs: set,
+               ) -> Callable[[str], Measured]:
+    """A system's job for an app that keeps one chat model per service, as an app does: the first
+    time, the model is made and called once (connections, first-call costs: untimed); each run
+    times ``run_app(model)``, counts its engine time and adds its result to ``outputs``."""
+    models: dict[str, Any] = {}
+
+    def once(url: str) -> Measured:
+        if url not in models:
+            models[url] = make_model(url)
+            models[url].invoke("Say hello.", max_tokens=4)
+        busy = engine_busy_s(url)
+        started = time.perf_counter()
+        outputs.add(run_app(models[url]))
+        return Measured(time.perf_counter() - started, engine_s=engine_busy_s(url) - busy)
+    return once
+
+
 def _median_row(system: str, runs: list[Measured]) -> Row:
     """The run of median end-to-end time (the lower middle one of an even count), with its engine
     time; each extra column is its own median."""

@@ -14,7 +14,6 @@ checks that all three write the same text.
 from __future__ import annotations
 
 import argparse
-import time
 
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
@@ -23,16 +22,15 @@ from langchain_openai import ChatOpenAI
 
 from benchmarks.harness import (
     THROUGHPUT_TUNED,
-    Measured,
     Row,
     System,
     add_run_options,
     benchmark_main,
-    engine_busy_s,
-    measure_systems,
+    measure_same_app,
     print_table,
     served_model,
     text_chunk,
+    with_model,
 )
 from parrot.integrations.langchain import ChatParrot, compile
 
@@ -58,25 +56,13 @@ def measure(args) -> list[Row]:
                                               temperature=0, max_tokens=args.tokens, max_retries=0),
                        chain_of),
     }
-    outputs = set()
+    outputs: set = set()
 
-    def job(make_model, chain_with):
-        models = {}  # one model object per service, as an app keeps it
+    def run_with(chain_with):
+        return lambda llm: chain_with(llm).invoke(chunks)
 
-        def once(url: str) -> Measured:
-            if url not in models:
-                models[url] = make_model(url)
-                models[url].invoke("Say hello.", max_tokens=4)  # connections, first-call costs: untimed
-            busy = engine_busy_s(url)
-            started = time.perf_counter()
-            outputs.add(chain_with(models[url]).invoke(chunks))
-            return Measured(time.perf_counter() - started, engine_s=engine_busy_s(url) - busy)
-        return once
-
-    rows = measure_systems([System(name, THROUGHPUT_TUNED, job(model, chain))
-                            for name, (model, chain) in systems.items()], args.repeats, args.rtt_ms)
-    print(f"identical outputs: {'yes' if len(outputs) == 1 else 'no'}")
-    return rows
+    return measure_same_app([System(name, THROUGHPUT_TUNED, with_model(model, run_with(chain), outputs))
+                             for name, (model, chain) in systems.items()], args, outputs)
 
 
 def parse_args(argv=None):

@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from langchain_openai import ChatOpenAI
 
 from benchmarks.harness import (
     THROUGHPUT_TUNED,
-    Measured,
     Row,
     System,
     add_run_options,
     benchmark_main,
-    engine_busy_s,
-    measure_systems,
+    measure_same_app,
     print_table,
     served_model,
+    with_model,
 )
 from parrot.integrations.langchain import ChatParrot
 
@@ -43,28 +41,14 @@ def measure(args) -> list[Row]:
         "ChatOpenAI": lambda url: ChatOpenAI(base_url=f"{url}/v1", api_key="none", model=served_model(url),
                                              temperature=0, max_tokens=args.max_tokens, max_retries=0),
     }
-    outcomes = set()
+    outputs: set = set()
 
-    def job(make_model):
-        models = {}  # one model object per service, as an app keeps it
+    def meeting(llm) -> tuple:
+        state = recipe.build_graph(llm).invoke({"task": recipe.TASK, "rounds": args.rounds, "notes": []})
+        return state["plan"], tuple(state["notes"]), state["brief"]
 
-        def once(url: str) -> Measured:
-            if url not in models:
-                models[url] = make_model(url)
-                models[url].invoke("Say hello.", max_tokens=4)  # connections, first-call costs: untimed
-            graph = recipe.build_graph(models[url])
-            busy = engine_busy_s(url)
-            started = time.perf_counter()
-            state = graph.invoke({"task": recipe.TASK, "rounds": args.rounds, "notes": []})
-            seconds = time.perf_counter() - started
-            outcomes.add((state["plan"], tuple(state["notes"]), state["brief"]))
-            return Measured(seconds, engine_s=engine_busy_s(url) - busy)
-        return once
-
-    rows = measure_systems([System(name, THROUGHPUT_TUNED, job(make)) for name, make in systems.items()],
-                           args.repeats, args.rtt_ms)
-    print(f"identical outputs: {'yes' if len(outcomes) == 1 else 'no'}")
-    return rows
+    return measure_same_app([System(name, THROUGHPUT_TUNED, with_model(make, meeting, outputs))
+                             for name, make in systems.items()], args, outputs)
 
 
 def parse_args(argv=None):

@@ -33,7 +33,7 @@ from benchmarks.harness import (
     add_run_options,
     benchmark_main,
     engine_busy_s,
-    measure_systems,
+    measure_same_app,
     print_table,
     served_model,
     text_chunk,
@@ -90,10 +90,8 @@ def measure(args) -> list[Row]:
             return measured
         return once
 
-    rows = measure_systems([System(name, THROUGHPUT_TUNED, job(kernel)) for name, kernel in systems.items()],
-                           args.repeats, args.rtt_ms)
-    print(f"identical outputs: {'yes' if len(outputs) == 1 else 'no'}")
-    return rows
+    return measure_same_app([System(name, THROUGHPUT_TUNED, job(kernel)) for name, kernel in systems.items()],
+                            args, outputs)
 
 
 def parse_args(argv=None):
