@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import json
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, TypeVar
 
 import httpx
@@ -90,25 +89,17 @@ class ServiceClient:
         """Submit ``graph`` (``stream=True``) and read its answer: the ``GraphAccepted`` first,
         then each waited variable as it settles, each after its producer's ``CallInfo`` if it
         has one; the stream may end with some never sent."""
-        no_read_limit = httpx.Timeout(self.timeout, read=None, pool=None)  # values take their time
-        try:
-            async with self._stream("POST", "/v1/graphs", json=_dump(graph), timeout=no_read_limit) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    raise _error_from(resp)
-                async for event in _sse_events(resp):
-                    try:
-                        if "accepted" in event:
-                            yield GraphAccepted.model_validate(event["accepted"])
-                        elif "variable" in event:
-                            if event.get("call") is not None:
-                                yield CallInfo.model_validate(event["call"])
-                            yield VariableInfo.model_validate(event["variable"])
-                    except ValidationError as exc:
-                        raise ParrotError(f"POST /v1/graphs: unexpected answer from the service: {exc}",
-                                          ) from exc
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.base_url) from exc
+        async with contextlib.aclosing(self._sse("POST", "/v1/graphs", json=_dump(graph))) as events:
+            async for event in events:
+                try:
+                    if "accepted" in event:
+                        yield GraphAccepted.model_validate(event["accepted"])
+                    elif "variable" in event:
+                        if event.get("call") is not None:
+                            yield CallInfo.model_validate(event["call"])
+                        yield VariableInfo.model_validate(event["variable"])
+                except ValidationError as exc:
+                    raise ParrotError(f"POST /v1/graphs: unexpected answer from the service: {exc}") from exc
 
     async def submit_call(self, session_id: str, call: CallDecl) -> CallInfo:
         """Submit one call (template or chat); the service creates its output variables."""
@@ -162,29 +153,22 @@ class ServiceClient:
         ``{"error"}``; an error raises ``ParrotError``.
         """
         params = {} if criterion is None else {"criterion": Criterion(criterion).value}
-        no_read_limit = httpx.Timeout(self.timeout, read=None, pool=None)  # generation takes its time
         sent = ""
-        try:
-            async with self._stream("GET", _var_path(session_id, var_id) + "/stream",
-                                    params=params, timeout=no_read_limit) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    raise _error_from(resp)
-                async for event in _sse_events(resp):
-                    if "error" in event:
-                        raise ParrotError(str(event["error"]), status_code=424)
-                    if event.get("done"):
-                        value = event.get("value")
-                        # An already finished value may come whole in the final event.
-                        if isinstance(value, str) and value.startswith(sent) and len(value) > len(sent):
-                            yield value[len(sent):]
-                        return
-                    delta = event.get("delta")
-                    if delta:
-                        sent += delta
-                        yield delta
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.base_url) from exc
+        path = _var_path(session_id, var_id) + "/stream"
+        async with contextlib.aclosing(self._sse("GET", path, params=params)) as events:
+            async for event in events:
+                if "error" in event:
+                    raise ParrotError(str(event["error"]), status_code=424)
+                if event.get("done"):
+                    value = event.get("value")
+                    # An already finished value may come whole in the final event.
+                    if isinstance(value, str) and value.startswith(sent) and len(value) > len(sent):
+                        yield value[len(sent):]
+                    return
+                delta = event.get("delta")
+                if delta:
+                    sent += delta
+                    yield delta
         raise ParrotError(f"the stream of variable {var_id} ended without a final event")
 
     # -- plumbing ------------------------------------------------------------------------
@@ -208,26 +192,35 @@ class ServiceClient:
         except ValidationError as exc:
             raise ParrotError(f"{method} {path}: unexpected answer from the service: {exc}") from exc
 
-
     async def _send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
         """Send ``request``, again after a failed connection (``max_retries`` times)."""
-        for attempt in itertools.count():
+        attempt = 0
+        while True:
             try:
                 return await self._http.send(request, stream=stream)
             except httpx.ConnectError:
                 if attempt >= self.max_retries:
                     raise
             await asyncio.sleep(RETRY_BACKOFF_S * 2 ** attempt)
-        raise AssertionError("unreachable")
+            attempt += 1
 
-    @contextlib.asynccontextmanager
-    async def _stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
-        """``httpx.AsyncClient.stream`` with ``_send``'s retries."""
-        resp = await self._send(self._http.build_request(method, path, **kwargs), stream=True)
+    async def _sse(self, method: str, path: str, **kwargs: Any) -> AsyncGenerator[dict, None]:
+        """The server-sent events a request answers with (no read timeout: values and tokens
+        take their time); a 4xx/5xx or a network failure raises ``ParrotError``."""
+        no_read_limit = httpx.Timeout(self.timeout, read=None, pool=None)
         try:
-            yield resp
-        finally:
-            await resp.aclose()
+            resp = await self._send(self._http.build_request(method, path, timeout=no_read_limit, **kwargs),
+                                    stream=True)
+            try:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise _error_from(resp)
+                async for event in _sse_events(resp):
+                    yield event
+            finally:
+                await resp.aclose()
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.base_url) from exc
 
 
 def value_of(info: VariableInfo) -> str:
