@@ -69,10 +69,14 @@ def prepare_completion(prompt: str | Sequence[Part], sampling: SamplingConfig, *
     return PreparedCall(CallDecl(id=uuid.uuid4().hex, name=name, segments=segments), inputs, [reply])
 
 
-def submit(vm: P.Parrot, calls: Sequence[PreparedCall]) -> None:
-    """Queue ``calls`` in ``vm``'s graph; calls queued together are posted as one graph."""
+def submit(vm: P.Parrot, calls: Sequence[PreparedCall], *, fetch: Criterion | None = None) -> None:
+    """Queue ``calls`` in ``vm``'s graph; calls queued together are posted as one graph.
+    ``fetch``: their replies will be got with this criterion, so the post brings them back."""
     for call in calls:
         vm.submit(call.decl, call.inputs, call.outputs)
+    if fetch is not None:
+        for call in calls:
+            call.outputs[-1].will_get(fetch)
 
 
 class CallInfos:

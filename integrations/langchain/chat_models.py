@@ -186,8 +186,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
             return
         with step_session(self, request.model) as (vm, model_name, gathered):  # a LangGraph step's or its own
             call = request.prepare()
-            submit(vm, [call])
-            call.outputs[-1].will_get(P.LATENCY)  # before the step's post goes: it brings the reply
+            submit(vm, [call], fetch=P.LATENCY)  # announced before the step's post: it brings the reply
             gathered()
             yield from chunks(stream(vm, call), model_name)
 
@@ -218,8 +217,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
             return
         async with astep_session(self, request.model) as (vm, model_name, gathered):
             call = request.prepare()
-            submit(vm, [call])
-            call.outputs[-1].will_get(P.LATENCY)
+            submit(vm, [call], fetch=P.LATENCY)
             await gathered()
             async for chunk in achunks(astream(vm, call), model_name):
                 yield chunk
@@ -268,8 +266,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
             return shared.model_name, _ok(result)
         with step_session(self, request.model) as (vm, model_name, gathered):  # a LangGraph step's or its own
             call = request.prepare()
-            submit(vm, [call])
-            call.outputs[-1].will_get(P.LATENCY)  # before the step's post goes: it brings the reply
+            submit(vm, [call], fetch=P.LATENCY)  # announced before the step's post: it brings the reply
             gathered()
             [result] = wait(vm, [call], perf=P.LATENCY, timeout=self.timeout)
             return model_name, _ok(result)
@@ -283,8 +280,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
             return shared.model_name, _ok(result)
         async with astep_session(self, request.model) as (vm, model_name, gathered):
             call = request.prepare()
-            submit(vm, [call])
-            call.outputs[-1].will_get(P.LATENCY)
+            submit(vm, [call], fetch=P.LATENCY)
             await gathered()
             [result] = await await_all(vm, [call], perf=P.LATENCY, timeout=self.timeout)
             return model_name, _ok(result)
@@ -306,9 +302,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
                     pass  # each input meets the failure in its own invocation, with its callbacks
                 else:
                     calls = [(r.key, r.prepare()) for r in requests]
-                    submit(vm, [c for _, c in calls])
-                    for _, call in calls:  # the invocations' waits: the one post brings every reply
-                        call.outputs[-1].will_get(P.THROUGHPUT)
+                    submit(vm, [c for _, c in calls], fetch=P.THROUGHPUT)  # what the invocations wait for
                     stack.enter_context(batching.sharing(self, vm, model_name, calls))
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 
@@ -326,9 +320,7 @@ class ChatParrot(ParrotModelFields, BaseChatModel):
                     pass
                 else:
                     calls = [(r.key, r.prepare()) for r in requests]
-                    submit(vm, [c for _, c in calls])
-                    for _, call in calls:  # the invocations' waits: the one post brings every reply
-                        call.outputs[-1].will_get(P.THROUGHPUT)
+                    submit(vm, [c for _, c in calls], fetch=P.THROUGHPUT)  # what the invocations wait for
                     stack.enter_context(batching.sharing(self, vm, model_name, calls))
             return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 
