@@ -2,12 +2,14 @@
 
 Both serve the default model from the same shipped GGUF file over HTTP, each with its
 default settings, and both get the same messages on ``/v1/chat/completions`` with
-``stream: true``, greedy, one request at a time. The script starts both servers itself,
+``stream: true``, greedy (or sampled, ``--temperature``), one request at a time. The script starts both servers itself,
 warms each up, then streams ``--repeats`` chats from each and prints time to first token
 and decode tokens/s (tokens after the first, over the time from the first to the last
 chunk), best of the repeats, and the ratio Parrot / llama.cpp.
 
     python benchmarks/chat_stream.py [--new-tokens 128] [--repeats 3] [--parrot-args "--quantization none"]
+    python benchmarks/chat_stream.py --temperature 1.0        # sampled, as OpenAI's default
+    python benchmarks/chat_stream.py --document-sentences 40  # the chat quotes a ~500-token report first
 
 llama.cpp's server is llama-cpp-python's (``pip install -e '.[bench]'``); without it the
 llama.cpp row is skipped.
@@ -28,7 +30,16 @@ from dataclasses import dataclass
 
 import httpx
 
-MESSAGES = [{"role": "user", "content": "Write a long story about a parrot who learns to fly."}]
+QUESTION = "Write a long story about a parrot who learns to fly."
+
+
+def messages(document_sentences: int, chat: int) -> list[dict]:
+    """Chat number ``chat``: the question, after a report of ``document_sentences`` sentences
+    (~13 tokens each) that starts with the chat's number, so no chat finds another's report cached."""
+    report = " ".join(f"In week {i}, the parrot sanctuary counted {7 * i + 3} visitors and {i % 5 + 1} new "
+                      f"birds." for i in range(document_sentences))
+    content = f"Report {chat}: {report}\n\n{QUESTION}" if document_sentences else QUESTION
+    return [{"role": "user", "content": content}]
 
 
 @dataclass
@@ -75,9 +86,9 @@ def server(command: list[str], url: str, ready_path: str, timeout_s: float = 300
             proc.kill()
 
 
-def stream_chat(base_url: str, model: str, new_tokens: int) -> Stream:
-    body = {"model": model, "messages": MESSAGES, "max_tokens": new_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+def stream_chat(base_url: str, model: str, new_tokens: int, args, chat: int) -> Stream:
+    body = {"model": model, "messages": messages(args.document_sentences, chat), "max_tokens": new_tokens,
+            "temperature": args.temperature, "seed": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = last = 0.0
     chunks = 0
@@ -101,8 +112,8 @@ def stream_chat(base_url: str, model: str, new_tokens: int) -> Stream:
 
 
 def measure(name: str, base_url: str, model: str, args) -> list[Stream]:
-    stream_chat(base_url, model, 8)  # warm-up
-    runs = [stream_chat(base_url, model, args.new_tokens) for _ in range(args.repeats)]
+    stream_chat(base_url, model, 8, args, 0)  # warm-up
+    runs = [stream_chat(base_url, model, args.new_tokens, args, i + 1) for i in range(args.repeats)]
     for i, run in enumerate(runs):
         print(f"  {name} run {i + 1}: {run.tokens} tokens, TTFT {run.ttft_s * 1e3:.0f} ms, "
               f"{run.tokens_per_s:.1f} tokens/s", flush=True)
@@ -118,6 +129,9 @@ def main() -> None:
                         help="llama.cpp's threads (Parrot uses torch's default: all cores)")
     parser.add_argument("--parrot-args", default="", help="extra options for parrot serve")
     parser.add_argument("--systems", default="parrot,llamacpp")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else both sample (seed 0)")
+    parser.add_argument("--document-sentences", type=int, default=0,
+                        help="the chat quotes a report of this many sentences (~13 tokens each) first")
     args = parser.parse_args()
 
     from parrot.service.engine.builtin import loader
@@ -146,7 +160,9 @@ def main() -> None:
             with server(command, url, "/v1/models"):
                 results["llamacpp"] = measure("llamacpp", url, "default", args)
 
-    print(f"\nOne chat streamed through /v1/chat/completions, greedy, up to {args.new_tokens} tokens, "
+    how = f"temperature {args.temperature:g}" if args.temperature else "greedy"
+    prompt = f", after a {args.document_sentences}-sentence report" if args.document_sentences else ""
+    print(f"\nOne chat streamed through /v1/chat/completions{prompt}, {how}, up to {args.new_tokens} tokens, "
           f"best of {args.repeats}:")
     best = {name: max(runs, key=lambda r: r.tokens_per_s) for name, runs in results.items()}
     for name, run in best.items():

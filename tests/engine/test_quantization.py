@@ -13,7 +13,7 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from parrot.service.engine.base import SamplingParams
 from parrot.service.engine.builtin import cpu_kernels, quant
-from parrot.service.engine.builtin.model import SHORT_PREFILL, DecodeGroup, ForwardBatch
+from parrot.service.engine.builtin.model import DecodeGroup, ForwardBatch
 from tests.conftest import run_request
 from tests.engine.test_attention_backend import NEW_TOKENS, PROMPTS, greedy_batch, hf_greedy
 
@@ -196,10 +196,13 @@ def test_what_auto_and_explicit_choices_resolve_to():
         quant.resolve_quantization("int8wo", gguf=None, device=cuda)
 
 
-def _prefill_logits(engine, ids: list[int]) -> torch.Tensor:
+def _prefill_logits(engine, ids: list[int], cached: int = 0) -> torch.Tensor:
+    """The logits of ``ids[cached:]``, prefilled in one chunk after ``ids[:cached]`` (whose keys
+    the KV pool holds in slots 0 .. cached - 1 from an earlier call)."""
     n = len(ids)
-    batch = ForwardBatch(input_ids=torch.tensor(ids), positions=torch.arange(n), out_slots=torch.arange(n),
-                         prefills=[(0, n, torch.arange(n))], logit_rows=torch.arange(n))
+    new = torch.arange(cached, n)
+    batch = ForwardBatch(input_ids=torch.tensor(ids[cached:]), positions=new, out_slots=new,
+                         prefills=[(0, n - cached, torch.arange(n))], logit_rows=torch.arange(n - cached))
     return engine.runner.forward(batch)
 
 
@@ -262,11 +265,13 @@ async def test_weights_quantized_at_load_compute_with_their_quantized_values(tin
     assert torch.equal(got.argmax(-1), fake.argmax(-1))
     few = ids[:6]  # a step of few rows runs with torch's own ops on one thread
     assert torch.allclose(_prefill_logits(engine, few), fake[:6], atol=1e-4)
-    # a chunk past SHORT_PREFILL: torch's flash attention between the layers' C glue
-    long = list(range(5, 5 + SHORT_PREFILL + 36))
+    # a long chunk: many rows of the C attention, each over its own causal keys
+    long = list(range(5, 105))
     with torch.no_grad():
         long_fake = hf(torch.tensor([long])).logits[0]
     assert torch.allclose(_prefill_logits(engine, long), long_fake, atol=1e-4)
+    # and after a cached prefix (the prefix's keys shared by the chunk's rows)
+    assert torch.allclose(_prefill_logits(engine, long, cached=30), long_fake[30:], atol=1e-4)
     assert engine.runner.weight_bytes < exact.runner.weight_bytes / (3 if method == "int8wo" else 4.5)
     # Greedy decoding (its attention in C for the lone row) follows transformers on those values.
     tokens, _, last = await run_request(engine, ids, SamplingParams(max_new_tokens=12, temperature=0))
@@ -357,3 +362,29 @@ def test_a_failed_build_is_a_clear_error_and_auto_falls_back(tmp_path, monkeypat
     assert quant.resolve_quantization("auto", gguf=gguf, device=torch.device("cpu")).method == "none"
     with pytest.raises(quant.QuantizationError, match="use --quantization none"):
         quant.resolve_quantization("gguf", gguf=gguf, device=torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs torch on two threads or more")
+async def test_a_step_in_c_samples_with_torch_on_one_thread(tiny_engine_factory, monkeypatch):
+    """A sampled step whose layers run in C keeps torch on one thread until its sampling is done
+    (torch's second thread would spin into the next step's kernels), the kernels on all of them,
+    and gives torch its threads back after the step."""
+    import parrot.service.engine.builtin.engine as engine_module
+
+    engine, _ = tiny_engine_factory(quantization="int4wo")
+    assert engine.runner.step_threads(200) is not None and engine.runner._layer_refs is not None
+    threads = torch.get_num_threads()
+    seen: list[tuple[int, int]] = []
+    real_sample = engine_module.sample
+
+    def sample(*args):
+        seen.append((torch.get_num_threads(), cpu_kernels.threads()))
+        return real_sample(*args)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    prompt = list(range(5, 105))  # a 100-token prefill step, then decode steps
+    tokens, _, last = await run_request(engine, prompt, SamplingParams(max_new_tokens=4, temperature=1.0, seed=3))
+    assert len(tokens) == 4 and last.finish_reason == "length"
+    assert seen == [(1, threads)] * 4
+    assert torch.get_num_threads() == threads
+    await engine.shutdown()

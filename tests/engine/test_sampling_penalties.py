@@ -148,6 +148,17 @@ def test_draws_follow_the_distribution():
     torch.testing.assert_close(freq, target, atol=0.03, rtol=0)
 
 
+def test_a_draw_that_rounds_up_to_the_total_takes_the_last_possible_token(monkeypatch):
+    import parrot.service.engine.builtin.sampler as sampler
+
+    probs = torch.tensor([0.25, 0.0, 0.75, 0.0, 0.0])
+    monkeypatch.setattr(sampler.torch, "rand", lambda *a, **k: torch.ones(1, dtype=torch.float64))
+    assert sampler._draw(probs, None) == 2
+    monkeypatch.setattr(sampler.torch, "rand", lambda *a, **k: torch.zeros(1, dtype=torch.float64))
+    assert sampler._draw(probs, None) == 0
+    assert sampler._draw(torch.tensor([0.0, 0.0, 1.0]), None) == 2  # never a token of no probability
+
+
 def test_sampling_params_check_the_new_fields():
     for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": -3}, {"repetition_penalty": 0},
                 {"logit_bias": {5: 101}}, {"logit_bias": {-1: 1}}, {"min_tokens": -1},

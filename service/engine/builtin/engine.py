@@ -52,7 +52,7 @@ from parrot.service.engine.builtin.sampler import (
     sample,
     token_logprobs,
 )
-from parrot.service.engine.builtin.scheduler import Scheduler, SchedulerConfig
+from parrot.service.engine.builtin.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from parrot.service.engine.builtin.slots import SlotAllocator
 from parrot.service.engine.tokenizer import ModelTokenizer
 
@@ -504,6 +504,13 @@ class BuiltinEngine(Engine):
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return
+        # The whole step runs under the forward's threads, batch building and sampling too:
+        # torch's ops on a second thread there would leave it spinning into the next kernels
+        # (a sampled batch-1 decode step 9.2 ms instead of 4.4 on 2 cores).
+        with self.runner.step_threads(batch.num_rows):
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: ScheduledBatch) -> None:
         forward, samplers = build_forward_batch(
             batch, self.device, self.runner.dtype, self._two_phase_min_saved
         )

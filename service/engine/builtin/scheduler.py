@@ -77,6 +77,11 @@ class ScheduledBatch:
     def is_empty(self) -> bool:
         return not self.decodes and not self.prefills
 
+    @property
+    def num_rows(self) -> int:
+        """Token rows the step computes: one per decode, a chunk's tokens per prefill."""
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
 
 @dataclass
 class _Pin:
