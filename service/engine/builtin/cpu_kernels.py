@@ -1,6 +1,6 @@
 """The builtin engine's C kernels (csrc/), built at first use: matmuls on quantized weight
-blocks (quant_matmul.c), decode attention (decode_attention.c), the rest of a decoder
-layer for steps of a few rows (decoder_layer.c), and the thread pool they run on
+blocks (quant_matmul.c), decode attention (decode_attention.c), the rest of the decoder
+layers, a step's whole stack in one call (decoder_layer.c), and the thread pool they run on
 (thread_pool.c).
 
 The sources are compiled once per machine with the system C compiler for the machine's own
@@ -29,7 +29,7 @@ from parrot.service.engine.builtin import model_cache
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("thread_pool.c", "quant_matmul.c", "decode_attention.c", "decoder_layer.c")]
 _HEADERS = [Path(__file__).with_name("csrc") / name
-            for name in ("thread_pool.h", "quant_matmul.h", "vector_exp.h")]
+            for name in ("thread_pool.h", "quant_matmul.h", "decode_attention.h", "vector_exp.h")]
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-pthread", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -49,6 +49,23 @@ class WeightRef(ctypes.Structure):
     _fields_ = [("bits", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("codes", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p),
                 ("off", ctypes.c_void_p)]
+
+
+class LayerRef(ctypes.Structure):
+    """One decoder layer's weights and KV pools as ``parrot_decoder_layers`` takes them
+    (``parrot_layer``); ``qkv_bias`` may be None."""
+
+    _fields_ = [*((name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "qkv_bias")),
+                *((name, ctypes.POINTER(WeightRef)) for name in ("qkv", "o", "gate_up", "down")),
+                ("k_pool", ctypes.c_void_p), ("v_pool", ctypes.c_void_p)]
+
+
+class AttentionPlanRef(ctypes.Structure):
+    """A DecodeAttention over the step's rows ``row .. row + rows`` (``parrot_attention_plan``)."""
+
+    _fields_ = [("row", ctypes.c_int64), ("rows", ctypes.c_int64), ("prefix", ctypes.c_void_p),
+                ("prefix_len", ctypes.c_int64), ("table", ctypes.c_void_p), ("ldt", ctypes.c_int64),
+                ("first", ctypes.c_int64), ("lengths", ctypes.c_void_p), ("scratch", ctypes.c_void_p)]
 
 
 def cache_dir() -> Path:
@@ -114,6 +131,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.parrot_attention_input.restype = lib.parrot_mlp_block.restype = None
     lib.parrot_weight_matmul.argtypes = [weight, p, i64, p, i32]
     lib.parrot_weight_matmul.restype = None
+    layers, plans = ctypes.POINTER(LayerRef), ctypes.POINTER(AttentionPlanRef)
+    lib.parrot_decoder_layers.argtypes = [p, i64, i64, i64, layers, i64, f32, i64, i64, i64, p, p, i64, p,
+                                          plans, i64, f32, p, p, p, p, i32]
+    lib.parrot_decoder_layers.restype = None
     return lib
 
 
@@ -202,6 +223,12 @@ class DecodeAttention:
             None if self._table is None else self._table.data_ptr(),
             0 if self._table is None else self._table.stride(0), first, self._lengths.data_ptr(),
             scale, self._scratch.data_ptr())
+
+    def plan(self, row: int) -> AttentionPlanRef:
+        """This attention over a step's rows from ``row`` on, for ``parrot_decoder_layers``
+        (valid while this object lives)."""
+        rows, prefix, prefix_len, table, ldt, first, lengths, _, scratch = self._args
+        return AttentionPlanRef(row, rows, prefix, prefix_len, table, ldt, first, lengths, scratch)
 
     def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """``q`` [B, H, D] float32 (each row's H x D values contiguous, rows may be strided);

@@ -9,6 +9,8 @@ tokens (one per request) first, then prefill chunks.
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +185,18 @@ class LlamaRunner:
         shape = (self.num_kv_heads, num_kv_slots, self.head_dim)  # head-major, see kernels
         self.k_pool = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
         self.v_pool = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
+        self._layer_stack = None if self._layer_refs is None else self._c_layer_stack(self._layer_refs)
+
+    def _c_layer_stack(self, refs: list[tuple[cpu_kernels.WeightRef, ...]]) -> ctypes.Array:
+        """Every layer's weights and pools as ``parrot_decoder_layers`` takes them (the array keeps
+        the weight refs it points to alive)."""
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        return (cpu_kernels.LayerRef * len(self.layers))(*(
+            cpu_kernels.LayerRef(ptr(layer.input_norm), ptr(layer.post_norm), ptr(layer.qkv_bias),
+                                 *(ctypes.pointer(ref) for ref in weights), ptr(k), ptr(v))
+            for layer, weights, k, v in zip(self.layers, refs, self.k_pool, self.v_pool, strict=True)))
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -266,30 +280,29 @@ class LlamaRunner:
 
     def _layers_in_c(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                      plans: _CpuPlans) -> torch.Tensor:
-        """The decoder layers, each layer's work around its attention in two C calls
-        (csrc/decoder_layer.c) instead of a dozen small torch ops: fewer dispatches in a step
-        of a few rows, and every step size computes a row the same way."""
-        lib, threads = cpu_kernels.library(), cpu_kernels.threads()
+        """The decoder layers, attention included, in one C call (csrc/decoder_layer.c) instead
+        of a dozen small torch ops a layer: fewer dispatches in a step of a few rows, the GIL
+        held through the step, and every step size computes a row the same way."""
+        assert self._layer_stack is not None
         n, hidden = x.shape
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         inter = self.layers[0].gate_up.out_features // 2
         x = x.contiguous()
         cos, sin = cos.reshape(n, d).contiguous(), sin.reshape(n, d).contiguous()
-        qkv, normed = torch.empty(n, (h + 2 * kv) * d), torch.empty(n, hidden)
+        qkv, normed, attn = torch.empty(n, (h + 2 * kv) * d), torch.empty(n, hidden), torch.empty(n, h * d)
         scratch = torch.empty(n * (2 * hidden + 3 * inter))
-        q = qkv.view(n, h + 2 * kv, d)[:, :h]
+        # The attention plans in row order: the decode groups, then the prefill chunks.
+        rows = list(itertools.accumulate((group.num_rows for group in batch.decode_groups), initial=0))[:-1]
+        rows += [row for row, _, _ in batch.prefills]
+        attention = [*plans.decode, *plans.prefill]
+        refs = (cpu_kernels.AttentionPlanRef * len(attention))(
+            *(plan.plan(row) for plan, row in zip(attention, rows, strict=True)))
         slots = batch.out_slots.contiguous()
-        refs = self._layer_refs or []
-        for i, (layer, (qkv_w, o_w, gate_up_w, down_w)) in enumerate(zip(self.layers, refs, strict=True)):
-            bias = None if layer.qkv_bias is None else layer.qkv_bias.data_ptr()
-            lib.parrot_attention_input(
-                x.data_ptr(), n, hidden, layer.input_norm.data_ptr(), self.eps, qkv_w, bias, h, kv, d,
-                cos.data_ptr(), sin.data_ptr(), self.k_pool[i].data_ptr(), self.v_pool[i].data_ptr(),
-                self.k_pool[i].shape[1], slots.data_ptr(), normed.data_ptr(), qkv.data_ptr(), threads)
-            attn = self._attention(q, i, batch, None, plans).contiguous()  # torch's prefill: transposed
-            lib.parrot_mlp_block(x.data_ptr(), n, hidden, inter, attn.data_ptr(), o_w,
-                                 layer.post_norm.data_ptr(), self.eps, gate_up_w, down_w, scratch.data_ptr(),
-                                 threads)
+        cpu_kernels.library().parrot_decoder_layers(
+            x.data_ptr(), n, hidden, inter, self._layer_stack, len(self.layers), self.eps, h, kv, d,
+            cos.data_ptr(), sin.data_ptr(), self.k_pool[0].shape[1], slots.data_ptr(), refs, len(attention),
+            self.scale, normed.data_ptr(), qkv.data_ptr(), attn.data_ptr(), scratch.data_ptr(),
+            cpu_kernels.threads())
         return x
 
     def _layers_in_torch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,

@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #endif
 
+#include "decode_attention.h"
 #include "thread_pool.h"
 #include "vector_exp.h"
 

@@ -5,12 +5,14 @@
  * The arithmetic is the model's: RMS norm as x * (1 / sqrt(mean(x^2) + eps)) * weight, the
  * rotary embedding as x * cos + rotate_half(x) * sin (two products and a sum, as torch
  * rounds them), SiLU as x / (1 + e^-x). The glue is split by rows, the matmuls by output
- * features, over the kernels' pool.
+ * features, over the kernels' pool. parrot_decoder_layers runs a step's whole stack of layers,
+ * its attention included, in one call.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
+#include "decode_attention.h"
 #include "quant_matmul.h"
 #include "thread_pool.h"
 #include "vector_exp.h"
@@ -146,4 +148,51 @@ void parrot_mlp_block(float *x, int64_t rows, int64_t hidden, int64_t inter, con
   parrot_parallel_rows(silu_mul_rows, &activation, rows, threads);
   parrot_weight_matmul(down, act, rows, projected, threads);
   parrot_parallel_rows(add_norm_rows, &add, rows, threads);
+}
+
+/* ---- the whole stack of layers in one call ---------------------------------------------- */
+
+/* one layer's weights (qkv_bias may be NULL) and KV pools */
+typedef struct {
+  const float *input_norm, *post_norm, *qkv_bias;
+  const parrot_weight *qkv, *o, *gate_up, *down;
+  float *k_pool, *v_pool;
+} parrot_layer;
+
+/* the attention of the step's rows [row, row + rows), as parrot_decode_attention takes it */
+typedef struct {
+  int64_t row, rows;
+  const int64_t *prefix;
+  int64_t prefix_len;
+  const int64_t *table;
+  int64_t ldt, first;
+  const int64_t *lengths;
+  float *scratch;
+} parrot_attention_plan;
+
+/* Every layer of a step: its attention input, the attention of each plan (the plans cover the
+ * rows, in order), its MLP block. One call instead of three a layer and one a plan, so a
+ * decode step pays the interpreter (and hands the GIL over) once, not a hundred times.
+ * qkv [rows, (heads + 2 kv_heads) * d], normed [rows, hidden], attn [rows, heads * d] and
+ * scratch (parrot_mlp_block's) are scratch. */
+void parrot_decoder_layers(float *x, int64_t rows, int64_t hidden, int64_t inter, const parrot_layer *layers,
+                           int64_t num_layers, float eps, int64_t heads, int64_t kv_heads, int64_t d,
+                           const float *cos, const float *sin, int64_t pool_slots, const int64_t *slots,
+                           const parrot_attention_plan *plans, int64_t num_plans, float scale, float *normed,
+                           float *qkv, float *attn, float *scratch, int threads) {
+  const int64_t ldq = (heads + 2 * kv_heads) * d;
+  for (int64_t i = 0; i < num_layers; i++) {
+    const parrot_layer *layer = &layers[i];
+    parrot_attention_input(x, rows, hidden, layer->input_norm, eps, layer->qkv, layer->qkv_bias, heads, kv_heads,
+                           d, cos, sin, layer->k_pool, layer->v_pool, pool_slots, slots, normed, qkv, threads);
+    for (int64_t p = 0; p < num_plans; p++) {
+      const parrot_attention_plan *plan = &plans[p];
+      parrot_decode_attention(qkv + plan->row * ldq, ldq, layer->k_pool, layer->v_pool, kv_heads, pool_slots, d,
+                              heads, plan->rows, plan->prefix, plan->prefix_len, plan->table, plan->ldt,
+                              plan->first, plan->lengths, scale, plan->scratch, attn + plan->row * heads * d,
+                              threads);
+    }
+    parrot_mlp_block(x, rows, hidden, inter, attn, layer->o, layer->post_norm, eps, layer->gate_up, layer->down,
+                     scratch, threads);
+  }
 }
