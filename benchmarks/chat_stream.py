@@ -2,14 +2,14 @@
 
 Both serve the default model from the same shipped GGUF file over HTTP, each with its
 default settings, and both get the same messages on ``/v1/chat/completions`` with
-``stream: true``, greedy (or sampled, ``--temperature``), one request at a time. The script starts both servers itself,
-warms each up, then streams ``--repeats`` chats from each and prints time to first token
-and decode tokens/s (tokens after the first, over the time from the first to the last
-chunk), best of the repeats, and the ratio Parrot / llama.cpp.
+``stream: true``, greedy (or sampled, ``--temperature``), one request at a time. The script
+starts both servers itself, warms each up, then streams ``--repeats`` chats from each and
+prints time to first token and decode tokens/s (tokens after the first, over the time from
+the first to the last chunk), best of the repeats, and the ratio Parrot / llama.cpp.
 
     python benchmarks/chat_stream.py [--new-tokens 128] [--repeats 3] [--parrot-args "--quantization none"]
     python benchmarks/chat_stream.py --temperature 1.0        # sampled, as OpenAI's default
-    python benchmarks/chat_stream.py --document-sentences 40  # the chat quotes a ~500-token report first
+    python benchmarks/chat_stream.py --document-sentences 40  # the chat quotes a ~860-token report first
 
 llama.cpp's server is llama-cpp-python's (``pip install -e '.[bench]'``); without it the
 llama.cpp row is skipped.
@@ -88,7 +88,8 @@ def server(command: list[str], url: str, ready_path: str, timeout_s: float = 300
 
 def stream_chat(base_url: str, model: str, new_tokens: int, args, chat: int) -> Stream:
     body = {"model": model, "messages": messages(args.document_sentences, chat), "max_tokens": new_tokens,
-            "temperature": args.temperature, "seed": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": args.temperature, "seed": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = last = 0.0
     chunks = 0

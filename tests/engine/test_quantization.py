@@ -383,7 +383,8 @@ async def test_a_step_in_c_samples_with_torch_on_one_thread(tiny_engine_factory,
 
     monkeypatch.setattr(engine_module, "sample", sample)
     prompt = list(range(5, 105))  # a 100-token prefill step, then decode steps
-    tokens, _, last = await run_request(engine, prompt, SamplingParams(max_new_tokens=4, temperature=1.0, seed=3))
+    sampled = SamplingParams(max_new_tokens=4, temperature=1.0, seed=3)
+    tokens, _, last = await run_request(engine, prompt, sampled)
     assert len(tokens) == 4 and last.finish_reason == "length"
     assert seen == [(1, threads)] * 4
     assert torch.get_num_threads() == threads
