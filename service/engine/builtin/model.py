@@ -246,7 +246,6 @@ class LlamaRunner:
             down=self._matrix(mlp.down_proj.weight, [blk + "ffn_down"]),
         )
 
-    @torch.inference_mode()
     def step_threads(self, num_rows: int) -> AbstractContextManager:
         """What a step of ``num_rows`` token rows runs under: torch on one thread, the C kernels
         on all (see ``cpu_kernels.torch_on_one_thread``), when the kernels do its heavy work:
@@ -255,6 +254,7 @@ class LlamaRunner:
             return cpu_kernels.torch_on_one_thread()
         return nullcontext()
 
+    @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run one step; return float32 logits for ``batch.logit_rows``."""
         with self.step_threads(batch.input_ids.shape[0]):
@@ -282,7 +282,7 @@ class LlamaRunner:
                      plans: _CpuPlans) -> torch.Tensor:
         """The decoder layers, attention included, in one C call (csrc/decoder_layer.c) instead
         of a dozen small torch ops a layer: fewer dispatches in a step of a few rows, the GIL
-        held through the step, and every step size computes a row the same way."""
+        handed over once a step, and every step size computes a row the same way."""
         assert self._layer_stack is not None
         n, hidden = x.shape
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
