@@ -75,8 +75,14 @@ def submit(vm: P.Parrot, calls: Sequence[PreparedCall], *, fetch: Criterion | No
     for call in calls:
         vm.submit(call.decl, call.inputs, call.outputs)
     if fetch is not None:
-        for call in calls:
-            call.outputs[-1].will_get(fetch)
+        announce(calls, fetch)
+
+
+def announce(calls: Sequence[PreparedCall], perf: Criterion) -> None:
+    """Say that the calls' replies will be got with ``perf``, all before the first get: the post
+    that sends the calls then brings every reply back."""
+    for call in calls:
+        call.outputs[-1].will_get(perf)
 
 
 class CallInfos:
@@ -128,8 +134,7 @@ def wait(vm: P.Parrot, calls: Sequence[PreparedCall], *, perf: Criterion, timeou
     """
     infos = infos or CallInfos()
     deadline = None if timeout is None else time.monotonic() + timeout
-    for call in calls:  # all before the first get: the post that sends them brings every value
-        call.outputs[-1].will_get(perf)
+    announce(calls, perf)
     results: list[CallOutcome | ParrotError] = []
     for call in calls:
         try:
@@ -145,8 +150,7 @@ async def await_all(vm: P.Parrot, calls: Sequence[PreparedCall], *, perf: Criter
                     infos: CallInfos | None = None) -> list[CallOutcome | ParrotError]:
     """``wait`` for async code: the calls are awaited together."""
     infos = infos or CallInfos()
-    for call in calls:
-        call.outputs[-1].will_get(perf)
+    announce(calls, perf)
 
     async def one(call: PreparedCall) -> CallOutcome | ParrotError:
         try:
